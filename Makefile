@@ -1,0 +1,45 @@
+# The two commands of README's quick start: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODELS ?= models
+ARGS   ?=
+
+.PHONY: install serve models test protos lint tools clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch pulls gigabytes of CUDA packages.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[all]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The demo model repository, built once (under 5 minutes on 2 cores).
+$(MODELS)/.built: | $(VENV)/.installed
+	$(BIN)/python -m export demo --out $(MODELS) --force
+	touch $@
+
+models: $(MODELS)/.built
+
+serve: $(MODELS)/.built
+	$(BIN)/python -m server --models $(MODELS) $(ARGS)
+
+# Binaries the deployment tests run for real (Prometheus, nginx), unpacked from Debian's packages into .cache/.
+tools:
+	@if [ -f deploy/test-tools.sh ]; then bash deploy/test-tools.sh; fi
+
+test: $(VENV)/.installed tools
+	$(BIN)/python -m pytest $(ARGS)
+
+# Regenerates the Python stubs (and .pyi type stubs) from protos/; tests fail when they are stale.
+protos: $(VENV)/.installed
+	$(BIN)/python protos/codegen.py
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -25,6 +25,8 @@ def generate(into: Path) -> None:
     import grpc_tools
 
     include = Path(grpc_tools.__file__).parent / "_proto"
+    # mypy-protobuf's plugins sit beside this interpreter (the venv's bin/), which may not be on PATH.
+    bindir = Path(sys.executable).parent
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
         args = [
@@ -33,7 +35,10 @@ def generate(into: Path) -> None:
             f"-I{include}",
             f"--python_out={tmp}",
             f"--grpc_python_out={tmp}",
+            f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
             f"--mypy_out={tmp}",
+            f"--mypy_grpc_out={tmp}",
             *sources,
         ]
         if protoc.main(args) != 0:

@@ -29,7 +29,7 @@ serve: $(MODELS)/.built
 
 # Binaries the deployment tests run for real (Prometheus, nginx), unpacked from Debian's packages into .cache/.
 tools:
-	@if [ -f deploy/test-tools.sh ]; then bash deploy/test-tools.sh; fi
+	bash deploy/test-tools.sh
 
 test: $(VENV)/.installed tools
 	$(BIN)/python -m pytest $(ARGS)

@@ -1,0 +1,460 @@
+"""The nlpserve command line: `nlpserve ...` or `python -m client ...`.
+
+    nlpserve [--target HOST:PORT] [--timeout S] [--json] models [NAME]
+    nlpserve health [SERVICE]
+    nlpserve classify [--model NAME] [--embedding] [--no-truncation] TEXT...
+    nlpserve generate [--model NAME] PROMPT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                      [--repetition-penalty R] [--seed S] [--stop STR ...] [--logprobs] [--no-stream] [--stats]
+
+Exit codes: 0 success; 1 the call failed (the error's status code and message on one line of stderr) or, for
+`health`, the status is not SERVING; 2 a usage error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
+import grpc
+
+from ._requests import DEFAULT_TARGET
+from .errors import ServerError
+from .sync import Client
+from .types import Generation, GenerationChunk, ModelInfo, ModelKind
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+
+
+class UsageError(Exception):
+    """Bad command-line usage: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage and exits on a bad flag; we want one line and no SystemExit mid-parse.
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _int_in(low: int, high: int, what: str = "an integer") -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def _float(text: str) -> float:
+    # Not argparse's `float`: its error says "invalid float value"; and NaN or inf are passed on for the
+    # server to judge (it names the field).
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _timeout(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the CLI."""
+    # The connection and output options are accepted before and after the command (`nlpserve --json models`
+    # and `nlpserve models --json`); SUPPRESS keeps a subcommand's absent flag from hiding the global one.
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help=f"the server, HOST:PORT (default: $NLPSERVE_TARGET, else {DEFAULT_TARGET})",
+    )
+    common.add_argument(
+        "--timeout",
+        type=_timeout,
+        metavar="S",
+        default=argparse.SUPPRESS,
+        help="deadline of each call, in seconds",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output: one JSON object (one per line for a stream)",
+    )
+
+    parser = _Parser(
+        prog=prog or _prog(),
+        description="Talk to an nlpserve server: list models, check health, classify texts, generate text.",
+        parents=[common],
+        epilog="Exit codes: 0 success; 1 the call failed (or health is not SERVING); 2 bad usage.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    models = commands.add_parser(
+        "models", parents=[common], help="list the models (or describe one)", description="List the models."
+    )
+    models.add_argument("name", nargs="?", help="describe only this model")
+
+    health = commands.add_parser(
+        "health",
+        parents=[common],
+        help="the server's health status; exit code 0 only when SERVING",
+        description="Print the gRPC health status; exit code 0 only when SERVING.",
+    )
+    health.add_argument("service", nargs="?", default="", help="a model's name (default: the whole server)")
+
+    classify = commands.add_parser(
+        "classify",
+        parents=[common],
+        help="classify texts",
+        description="Classify texts, one result per text.",
+    )
+    classify.add_argument(
+        "texts", nargs="+", metavar="TEXT", help="texts to classify; '-' reads one per line of stdin"
+    )
+    classify.add_argument(
+        "--model", metavar="NAME", help="the classifier (default: the server's only classifier)"
+    )
+    classify.add_argument(
+        "--embedding", action="store_true", help="also return the pooled sentence vectors (shown with --json)"
+    )
+    classify.add_argument(
+        "--no-truncation", action="store_true", help="fail on a text longer than the model's limit"
+    )
+
+    generate = commands.add_parser(
+        "generate",
+        parents=[common],
+        help="generate text from a prompt (streamed)",
+        description="Generate a continuation of PROMPT, printed as it is decoded.",
+    )
+    generate.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
+    generate.add_argument(
+        "--model", metavar="NAME", help="the generator (default: the server's only generator)"
+    )
+    generate.add_argument(
+        "--max-new-tokens",
+        type=_int_in(-INT32_MAX - 1, INT32_MAX),
+        metavar="N",
+        help="tokens to generate at most",
+    )
+    generate.add_argument(
+        "--temperature", type=_float, default=0.0, metavar="T", help="0 (default) decodes greedily"
+    )
+    generate.add_argument(
+        "--top-k",
+        type=_int_in(-INT32_MAX - 1, INT32_MAX),
+        default=0,
+        metavar="K",
+        help="sample among the k best (0: all)",
+    )
+    generate.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling, in (0, 1]")
+    generate.add_argument(
+        "--repetition-penalty", type=_float, metavar="R", help="above 1 discourages repeats"
+    )
+    generate.add_argument(
+        "--seed",
+        type=_int_in(0, UINT64_MAX, "a non-negative integer"),
+        metavar="S",
+        help="the sampler's seed: the same seed and parameters give the same text",
+    )
+    generate.add_argument(
+        "--stop", action="append", default=[], metavar="STR", help="a stop sequence (repeat for several)"
+    )
+    generate.add_argument(
+        "--logprobs", action="store_true", help="return token log-probabilities (with --json)"
+    )
+    generate.add_argument(
+        "--no-stream", action="store_true", help="one unary call; print the text at the end"
+    )
+    generate.add_argument(
+        "--stats", action="store_true", help="print finish reason, token counts and timings to stderr"
+    )
+    return parser
+
+
+def _prog() -> str:
+    return "python -m client" if os.path.basename(sys.argv[0]) == "__main__.py" else "nlpserve"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+
+
+def to_json(value: Any) -> str:
+    """One line of JSON."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def format_models(models: Sequence[ModelInfo]) -> str:
+    """A table of models, one per line after a header."""
+    rows = [["NAME", "KIND", "VERSION", "READY", "PROVIDER", "VARIANT", "DETAILS"]]
+    for m in models:
+        rows.append(
+            [
+                m.name,
+                m.kind.value,
+                m.version,
+                "yes" if m.ready else "no",
+                m.execution_provider or "-",
+                m.variant or "-",
+                _model_details(m),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows
+    )
+
+
+def _model_details(m: ModelInfo) -> str:
+    b, lim = m.batching, m.limits
+    if m.kind == ModelKind.CLASSIFIER:
+        parts = [
+            f"labels {','.join(m.labels)}",
+            f"{lim.max_sequence_length} tokens/text",
+            f"{lim.max_texts_per_request} texts/request",
+            f"batch {b.max_batch_size} ({b.policy}, {b.max_queue_delay_ms:g} ms)",
+        ]
+    elif m.kind == ModelKind.GENERATOR:
+        parts = [
+            f"context {lim.max_sequence_length}",
+            f"max_new_tokens {lim.max_new_tokens} (default {lim.default_max_new_tokens})",
+            f"{b.max_active_sequences} sequences ({b.policy})",
+        ]
+    else:
+        parts = []
+    return "; ".join(parts)
+
+
+def format_classifications(texts: Sequence[str], result: Any) -> str:
+    """One line per text: label, score, the text (and a mark when it was truncated)."""
+    width = max((len(c.label) for c in result), default=0)
+    lines = []
+    for text, c in zip(texts, result):
+        mark = "  [truncated]" if c.truncated else ""
+        lines.append(f"{c.label.ljust(width)}  {c.score:.4f}  {_one_line(text)}{mark}")
+    return "\n".join(lines)
+
+
+def classify_json(texts: Sequence[str], result: Any) -> dict[str, Any]:
+    """The classify result as a dict, each classification with its text."""
+    out = result.to_dict()
+    for text, item in zip(texts, out["results"]):
+        item["text"] = text
+    return out
+
+
+def format_stats(last: Generation | GenerationChunk) -> str:
+    """One line: finish reason, token counts and timings of a finished generation."""
+    parts = [f"finish_reason={last.finish_reason.value if last.finish_reason else '?'}"]
+    if last.usage is not None:
+        parts += [
+            f"prompt_tokens={last.usage.prompt_tokens}",
+            f"generated_tokens={last.usage.generated_tokens}",
+        ]
+    if last.timings is not None:
+        t = last.timings
+        parts += [
+            f"queue={t.queue_seconds:.4f}s",
+            f"time_to_first_token={t.time_to_first_token_seconds:.4f}s",
+            f"total={t.total_seconds:.4f}s",
+        ]
+    return " ".join(parts)
+
+
+def format_error(error: ServerError, target: str) -> str:
+    """The one line printed for a failed call: `error: CODE: message`."""
+    details = error.details
+    if error.code == grpc.StatusCode.UNAVAILABLE and _is_transport_failure(details):
+        details = f"cannot reach the server at {target} ({details})"
+    return f"error: {error.code.name}: {details}" if details else f"error: {error.code.name}"
+
+
+def _is_transport_failure(details: str) -> bool:
+    lowered = details.lower()
+    return any(
+        s in lowered
+        for s in (
+            "failed to connect",
+            "connection refused",
+            "dns resolution failed",
+            "errors resolving",
+            "socket closed",
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def default_model(client: Client, kind: ModelKind) -> str:
+    """The server's only model of this kind.
+
+    Raises:
+        UsageError: The server hosts none, or several (then `--model` must choose).
+    """
+    names = [m.name for m in client.list_models() if m.kind == kind]
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise UsageError(f"the server at {client.target} hosts no {kind.value}")
+    raise UsageError(f"the server hosts several {kind.value}s ({', '.join(names)}): choose one with --model")
+
+
+def _read_lines(stdin: TextIO) -> list[str]:
+    return [line.rstrip("\r\n") for line in stdin if line.strip()]
+
+
+def run_models(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    if args.name:
+        model = client.get_model(args.name)
+        print(to_json(model.to_dict()) if args.json else format_models([model]), file=out)
+        return EXIT_OK
+    models = client.list_models()
+    if args.json:
+        print(to_json({"models": [m.to_dict() for m in models]}), file=out)
+    else:
+        print(format_models(models), file=out)
+    return EXIT_OK
+
+
+def run_health(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    status = client.health(args.service)
+    print(to_json({"service": args.service, "status": status}) if args.json else status, file=out)
+    return EXIT_OK if status == "SERVING" else EXIT_FAILED
+
+
+def run_classify(client: Client, args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    texts = _read_lines(stdin) if args.texts == ["-"] else args.texts
+    model = args.model or default_model(client, ModelKind.CLASSIFIER)
+    result = client.classify(
+        texts, model=model, return_embedding=args.embedding, no_truncation=args.no_truncation
+    )
+    if args.json:
+        print(to_json(classify_json(texts, result)), file=out)
+    else:
+        print(format_classifications(texts, result), file=out)
+    return EXIT_OK
+
+
+def run_generate(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
+    prompt = stdin.read() if args.prompt == "-" else args.prompt
+    model = args.model or default_model(client, ModelKind.GENERATOR)
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+        "logprobs": args.logprobs,
+    }
+    if args.no_stream:
+        generation = client.generate(prompt, **kwargs)
+        print(to_json(generation.to_dict()) if args.json else generation.text, file=out, flush=True)
+        last: Generation | GenerationChunk | None = generation
+    else:
+        last = _print_stream(client.generate_stream(prompt, **kwargs), args.json, out)
+    if args.stats and last is not None:
+        print(format_stats(last), file=err)
+    return EXIT_OK
+
+
+def _print_stream(chunks: Iterable[GenerationChunk], as_json: bool, out: TextIO) -> GenerationChunk | None:
+    """Prints each chunk as it arrives (flushed): its text, or one JSON object per line. Returns the last."""
+    last = None
+    ended_line = True
+    try:
+        for chunk in chunks:
+            last = chunk
+            if as_json:
+                out.write(to_json(chunk.to_dict()) + "\n")
+            elif chunk.text:
+                out.write(chunk.text)
+                ended_line = chunk.text.endswith("\n")
+            out.flush()
+    finally:
+        # Also when the stream fails midway: the partial text ends its line before the error is printed.
+        if not ended_line:
+            out.write("\n")
+            out.flush()
+    return last
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    stdin: TextIO | None = None,
+) -> int:
+    """Runs the CLI; returns the exit code. Never raises for a failed call or bad usage."""
+    out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
+    if isinstance(out, io.TextIOWrapper):
+        # Generated text on a terminal that cannot show a character: a replacement mark, not a traceback.
+        out.reconfigure(errors="replace")
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=err)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    args.json = getattr(args, "json", False)
+    target = getattr(args, "target", None) or os.environ.get("NLPSERVE_TARGET") or DEFAULT_TARGET
+    timeout = getattr(args, "timeout", None)
+    try:
+        with Client(target, timeout=timeout) as client:
+            if args.command == "models":
+                return run_models(client, args, out)
+            if args.command == "health":
+                return run_health(client, args, out)
+            if args.command == "classify":
+                return run_classify(client, args, out, inp)
+            return run_generate(client, args, out, err, inp)
+    except ServerError as e:
+        print(format_error(e, target), file=err)
+        return EXIT_FAILED
+    except UsageError as e:
+        print(f"error: {e}", file=err)
+        return EXIT_USAGE
+    except (ValueError, TypeError) as e:
+        # The flags' types rule out requests the proto cannot carry, so this is an answer the client cannot
+        # read (the library says which).
+        print(f"error: {_one_line(str(e))}", file=err)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("error: interrupted", file=err)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly; point stdout at devnull so that the interpreter's
+        # final flush does not fail again.
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED

@@ -1,0 +1,225 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from . import _requests as req
+from .errors import ServerError
+from .proto import inference_pb2 as pb
+from .proto import inference_pb2_grpc as pb_grpc
+from .types import ClassifyResult, Generation, GenerationChunk, ModelInfo
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is Python 3.11+
+
+
+class Client:
+    """A synchronous client of an nlpserve server.
+
+    A context manager; the channel is opened at once and closed by `close()` or on leaving the `with` block.
+    Every failed call raises `ServerError`, whose `code` is the gRPC status code.
+
+    Example:
+        >>> from client import Client
+        >>> with Client("127.0.0.1:50051") as c:
+        ...     print(c.classify(["a fine film"])[0].label)
+        ...     for chunk in c.generate_stream("Return the", max_new_tokens=16):
+        ...         print(chunk.text, end="", flush=True)
+
+    Args:
+        target: The server's address, "HOST:PORT".
+        timeout: The default deadline of every call, in seconds; None waits as long as the call takes.
+        channel: An existing channel to use instead of opening one (for TLS or custom options); it is not
+            closed by `close()`.
+        options: gRPC channel options, e.g. `[("grpc.max_receive_message_length", 64 << 20)]`.
+    """
+
+    def __init__(
+        self,
+        target: str = req.DEFAULT_TARGET,
+        timeout: float | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._own_channel = channel is None
+        self._channel = (
+            channel if channel is not None else grpc.insecure_channel(target, options=list(options))
+        )
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            req.HEALTH_CHECK_METHOD,
+            request_serializer=req.HealthCheckRequest.SerializeToString,
+            response_deserializer=req.HealthCheckResponse.FromString,
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel (unless it was passed in); calls in flight are cancelled."""
+        if self._own_channel:
+            self._channel.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is req.USE_CLIENT_TIMEOUT else timeout
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from e
+
+    def classify(
+        self,
+        texts: str | Iterable[str],
+        model: str | None = None,
+        return_embedding: bool = False,
+        no_truncation: bool = False,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+    ) -> ClassifyResult:
+        """Classifies one or many texts.
+
+        Args:
+            texts: The texts (a single string is one text).
+            model: The classifier; None selects the only classifier the server hosts.
+            return_embedding: Also return each text's pooled sentence vector (`Classification.embedding`).
+            no_truncation: Fail with INVALID_ARGUMENT on a text longer than the model's limit, instead of
+                truncating it (and flagging it `truncated`).
+            timeout: This call's deadline in seconds; left out, the client's default.
+
+        Returns:
+            One `Classification` per text, in order.
+
+        Raises:
+            ServerError: INVALID_ARGUMENT (no text, an empty text, too many texts...), NOT_FOUND (unknown
+                model), RESOURCE_EXHAUSTED (the server's queue is full), UNAVAILABLE, DEADLINE_EXCEEDED...
+        """
+        request = req.classify_request(texts, model, return_embedding, no_truncation)
+        response = self._call(self._stub.Classify, request, timeout)
+        return ClassifyResult.from_pb(response, with_embedding=return_embedding)
+
+    def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        logprobs: bool = False,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+    ) -> Generation:
+        """Generates a continuation of a prompt and returns it whole.
+
+        Args:
+            prompt: The prompt (not empty).
+            model: The generator; None selects the only generator the server hosts.
+            max_new_tokens: Tokens to generate at most; None uses the model's default.
+            temperature: 0 decodes greedily; above 0 samples with this temperature.
+            top_k: Sample among the k most probable tokens only; 0 keeps all.
+            top_p: Nucleus sampling, in (0, 1]; None is 1.
+            repetition_penalty: Penalise tokens already seen (> 0); None is 1, no penalty.
+            seed: The sampler's seed: the same seed and parameters give the same output. None is random.
+            stop: Up to 8 stop sequences: generation ends before the first one, whose text is not returned.
+            logprobs: Also return the log-probability of each generated token.
+            timeout: This call's deadline in seconds; left out, the client's default.
+
+        Returns:
+            The generated text, its tokens, the finish reason, token counts and timings.
+
+        Raises:
+            ServerError: INVALID_ARGUMENT (naming the bad field), NOT_FOUND, RESOURCE_EXHAUSTED, ...
+        """
+        request = req.generate_request(
+            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, logprobs
+        )
+        return Generation.from_pb(self._call(self._stub.Generate, request, timeout))
+
+    def generate_stream(
+        self,
+        prompt: str,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        logprobs: bool = False,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+    ) -> Iterator[GenerationChunk]:
+        """Generates a continuation of a prompt, piece by piece, as the server decodes it.
+
+        Takes the same arguments as `generate`. The last chunk carries the finish reason, the token counts and
+        the timings; the texts of all chunks joined equal what `generate` returns. Leaving the loop early (or
+        closing the iterator) cancels the call, and the server frees the sequence's slot.
+
+        Yields:
+            `GenerationChunk`s, in order.
+
+        Raises:
+            ServerError: As `generate`, raised from the iteration (possibly after some chunks).
+        """
+        request = req.generate_request(
+            prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, logprobs
+        )
+        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout))
+        try:
+            for message in call:
+                yield GenerationChunk.from_pb(message)
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from e
+        finally:
+            # A no-op once the stream has ended; otherwise the consumer left early: stop the server's work.
+            call.cancel()
+
+    def list_models(self, *, timeout: float | None = req.USE_CLIENT_TIMEOUT) -> list[ModelInfo]:
+        """Lists the models the server hosts.
+
+        Raises:
+            ServerError: UNAVAILABLE when the server cannot be reached, ...
+        """
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [ModelInfo.from_pb(m) for m in response.models]
+
+    def get_model(self, name: str, *, timeout: float | None = req.USE_CLIENT_TIMEOUT) -> ModelInfo:
+        """Describes one model.
+
+        Raises:
+            ServerError: NOT_FOUND when the server hosts no model of that name, ...
+        """
+        return ModelInfo.from_pb(self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = req.USE_CLIENT_TIMEOUT) -> str:
+        """Asks the standard gRPC health service for a status.
+
+        Args:
+            service: "" for the whole server, or a model's name for that model.
+            timeout: This call's deadline in seconds; left out, the client's default.
+
+        Returns:
+            "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN".
+
+        Raises:
+            ServerError: NOT_FOUND for a service the server does not know, UNAVAILABLE when it cannot be
+                reached, ...
+        """
+        response = self._call(self._health_check, req.HealthCheckRequest(service=service), timeout)
+        return req.health_status_name(response)

@@ -1,0 +1,160 @@
+"""The Dockerfile and docker-compose.yml, checked without a Docker engine: hadolint, `docker compose config`,
+and what each promises (GPU reservation, health checks, start order, a non-root user, the server extra only)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, venv_tool
+
+DOCKERFILE = ROOT / "Dockerfile"
+GPU_FILES = ("-f", "docker-compose.yml")
+CPU_FILES = ("-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml")
+
+
+def stages(dockerfile: str) -> dict[str, list[str]]:
+    """Stage name -> its instructions (continuation lines joined, comments dropped)."""
+    text = re.sub(r"\\\n", " ", dockerfile)
+    result: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE)
+        if match:
+            current = match.group(1)
+            result[current] = [line]
+        elif current:
+            result[current].append(line)
+    return result
+
+
+def test_hadolint_finds_nothing():
+    hadolint = venv_tool("hadolint")
+    result = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_hadolint_is_not_blind():
+    """The same hadolint reports a classic mistake, so the clean result above means something."""
+    hadolint = venv_tool("hadolint")
+    result = subprocess.run([str(hadolint), "--no-color", "-"], input="FROM ubuntu\nRUN cd /tmp && ls\n",
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "DL3006" in result.stdout
+
+
+def test_runtime_image_is_cuda13_cudnn9_non_root_with_the_server_extra_only():
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG CUDA_IMAGE=(\S+)$", text, re.MULTILINE).group(1)
+    # The tag pattern of NVIDIA's images with cuDNN since CUDA 12: <version>-cudnn-runtime-<os>.
+    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", base), base
+    found = stages(text)
+    assert {"builder", "export", "models", "runtime", "demo"} <= found.keys()
+    runtime = "\n".join(found["runtime"])
+    assert runtime.startswith("FROM ${CUDA_IMAGE} AS runtime")
+    user = re.findall(r"^USER\s+(\S+)", runtime, re.MULTILINE)
+    assert user and user[-1].split(":")[0] not in ("0", "root"), user
+    assert re.search(r"COPY --from=builder /opt/venv /opt/venv", runtime)
+    # The runtime's environment comes from the builder, which installs the server extra and nothing else;
+    # torch and the exporter live in the export stage only.
+    installs = re.findall(r"pip install (.+)", "\n".join(found["builder"]))
+    assert installs == ["'.[server]'"], installs
+    assert "torch" not in runtime and "export" not in runtime.replace("EXPOSE", "")
+    assert "--index-url" in "\n".join(found["export"])  # torch from the CPU index
+    assert re.search(r'^HEALTHCHECK .*CMD \[.*python -m client .*health', runtime, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["python", "-m", "server"\]', runtime, re.MULTILINE)
+
+
+def test_dockerignore_lets_in_what_the_dockerfile_copies():
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+
+    def ignored(path: str) -> bool:
+        # Docker's rule: the last matching pattern wins; `!` re-includes.
+        result = False
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            body = pattern[1:] if negate else pattern
+            if fnmatch.fnmatch(path, body.rstrip("/")) or fnmatch.fnmatch(path, body.rstrip("/") + "/*"):
+                result = not negate
+        return result
+
+    copies = re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    sources = [source for args in copies for source in args.split()[:-1]]  # the last one is the destination
+    assert {"pyproject.toml", "README.md", "client", "server", "export"} <= set(sources)
+    for source in sources:
+        assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+        assert not ignored(source), f"COPY {source}: excluded by .dockerignore"
+    for unwanted in (".venv", "models", ".git", ".cache", "tests"):
+        assert ignored(unwanted), f".dockerignore lets {unwanted} into the build context"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# docker compose
+
+
+@pytest.mark.parametrize("files", [GPU_FILES, CPU_FILES], ids=["gpu", "cpu"])
+def test_compose_config_is_valid(docker_compose, files):
+    result = docker_compose(*files, "config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_config_rejects_a_broken_file(docker_compose, tmp_path: Path):
+    """`config -q` does validate: an unknown key fails it."""
+    broken = tmp_path / "broken.yml"
+    broken.write_text("services:\n  server:\n    image: x\n    ports: [50051]\n    gpus_please: all\n")
+    result = docker_compose("-f", str(broken), "config", "-q")
+    assert result.returncode != 0 and "gpus_please" in result.stderr
+
+
+def merged(docker_compose, files) -> dict:
+    result = docker_compose(*files, "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_gpu_stack(docker_compose):
+    config = merged(docker_compose, GPU_FILES)
+    services = config["services"]
+    assert {"server", "nginx", "prometheus", "grafana"} <= services.keys()
+    server = services["server"]
+    devices = server["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert server["command"] == ["--device", "cuda"]
+    assert server["build"]["target"] == "runtime"
+    assert {p["target"] for p in server["ports"]} == {50051, 8000}
+    assert any(v["target"] == "/models" and v.get("read_only") for v in server["volumes"])
+    test = server["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1:4] == ["python", "-m", "client"] and test[-1] == "health"
+    # nginx, prometheus and grafana start once what they depend on is healthy.
+    for name, needs in (("nginx", "server"), ("prometheus", "server"), ("grafana", "prometheus")):
+        assert services[name]["depends_on"][needs]["condition"] == "service_healthy", name
+        assert services[name]["healthcheck"]["test"], name
+    assert {p["target"] for p in services["nginx"]["ports"]} == {50051}
+    # The files the stack mounts are the ones the tests check.
+    mounts = {v["source"] for s in services.values() for v in s.get("volumes", []) if v["type"] == "bind"}
+    for path in ("deploy/nginx/nginx.conf", "deploy/prometheus/prometheus.yml",
+                 "deploy/grafana/provisioning", "deploy/grafana/dashboards"):
+        assert str(ROOT / path) in mounts, path
+
+
+def test_cpu_variant_drops_the_gpu(docker_compose):
+    server = merged(docker_compose, CPU_FILES)["services"]["server"]
+    assert not server.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    assert server["command"] == ["--device", "cpu"]
+
+
+def test_models_dir_is_configurable(docker_compose, tmp_path: Path):
+    env_file = tmp_path / "env"
+    env_file.write_text(f"NLPSERVE_MODELS_DIR={tmp_path}\n")
+    result = docker_compose("--env-file", str(env_file), "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    volumes = json.loads(result.stdout)["services"]["server"]["volumes"]
+    assert any(v["source"] == str(tmp_path) and v["target"] == "/models" for v in volumes)

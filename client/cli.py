@@ -13,6 +13,7 @@ Exit codes: 0 success; 1 the call failed (the error's status code and message on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -420,7 +421,8 @@ def main(
         # Generated text on a terminal that cannot show a character: a replacement mark, not a traceback.
         out.reconfigure(errors="replace")
     try:
-        args = build_parser().parse_args(argv)
+        with contextlib.redirect_stdout(out):  # where --help goes
+            args = build_parser().parse_args(argv)
     except UsageError as e:
         print(f"error: {e}", file=err)
         return EXIT_USAGE

@@ -100,8 +100,8 @@ def test_bad_usage_is_one_line_and_exit_code_2(argv, message):
 
 
 def test_help_exits_0():
-    code, _, _ = run("--help")
-    assert code == 0
+    code, out, err = run("--help")
+    assert code == 0 and out.startswith("usage: ") and err == ""
 
 
 def test_values_the_server_judges_are_passed_on():

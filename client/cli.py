@@ -26,7 +26,7 @@ import grpc
 from ._requests import DEFAULT_TARGET
 from .errors import ServerError
 from .sync import Client
-from .types import Generation, GenerationChunk, ModelInfo, ModelKind
+from .types import ClassifyResult, Generation, GenerationChunk, ModelInfo, ModelKind
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 INT32_MAX = 2**31 - 1
@@ -35,6 +35,10 @@ UINT64_MAX = 2**64 - 1
 
 class UsageError(Exception):
     """Bad command-line usage: printed as one line, exit code 2."""
+
+
+class CommandFailed(Exception):
+    """The command cannot be done on this server (no call failed): printed as one line, exit code 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -250,7 +254,7 @@ def _model_details(m: ModelInfo) -> str:
     return "; ".join(parts)
 
 
-def format_classifications(texts: Sequence[str], result: Any) -> str:
+def format_classifications(texts: Sequence[str], result: ClassifyResult) -> str:
     """One line per text: label, score, the text (and a mark when it was truncated)."""
     width = max((len(c.label) for c in result), default=0)
     lines = []
@@ -260,7 +264,7 @@ def format_classifications(texts: Sequence[str], result: Any) -> str:
     return "\n".join(lines)
 
 
-def classify_json(texts: Sequence[str], result: Any) -> dict[str, Any]:
+def classify_json(texts: Sequence[str], result: ClassifyResult) -> dict[str, Any]:
     """The classify result as a dict, each classification with its text."""
     out = result.to_dict()
     for text, item in zip(texts, out["results"]):
@@ -316,13 +320,14 @@ def default_model(client: Client, kind: ModelKind) -> str:
     """The server's only model of this kind.
 
     Raises:
-        UsageError: The server hosts none, or several (then `--model` must choose).
+        CommandFailed: The server hosts none.
+        UsageError: The server hosts several (then `--model` must choose).
     """
     names = [m.name for m in client.list_models() if m.kind == kind]
     if len(names) == 1:
         return names[0]
     if not names:
-        raise UsageError(f"the server at {client.target} hosts no {kind.value}")
+        raise CommandFailed(f"the server at {client.target} hosts no {kind.value}")
     raise UsageError(f"the server hosts several {kind.value}s ({', '.join(names)}): choose one with --model")
 
 
@@ -446,6 +451,9 @@ def main(
     except UsageError as e:
         print(f"error: {e}", file=err)
         return EXIT_USAGE
+    except CommandFailed as e:
+        print(f"error: {e}", file=err)
+        return EXIT_FAILED
     except (ValueError, TypeError) as e:
         # The flags' types rule out requests the proto cannot carry, so this is an answer the client cannot
         # read (the library says which).

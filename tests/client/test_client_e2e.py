@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -380,3 +381,33 @@ def test_python_m_client_against_the_server(target):
     result = cli_run("generate", PROMPT, "--temperature", "-1")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: INVALID_ARGUMENT: ") and result.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --model's default, on a server with no classifier and two generators
+
+
+@pytest.fixture(scope="module")
+def two_generators_target(quick_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    from server.process import ServerProcess
+
+    repo = tmp_path_factory.mktemp("two-generators")
+    for name in ("docgpt", "docgpt2"):
+        shutil.copytree(quick_repo / "docgpt", repo / name)
+        for config_path in (repo / name).glob("*/config.json"):
+            config = json.loads(config_path.read_text())
+            config["name"] = name
+            config_path.write_text(json.dumps(config))
+    with ServerProcess(repo) as srv:
+        yield srv.target
+
+
+def test_model_default_needs_exactly_one_model_of_the_kind(two_generators_target):
+    target = two_generators_target
+    code, out, err = run("--target", target, "classify", "hi")
+    assert (code, out) == (1, "") and err == f"error: the server at {target} hosts no classifier\n"
+    code, out, err = run("--target", target, "generate", "hi")
+    assert (code, out) == (2, "")
+    assert err == "error: the server hosts several generators (docgpt, docgpt2): choose one with --model\n"
+    code, out, err = run("--target", target, "generate", "hi", "--model", "docgpt2", "--max-new-tokens", "2")
+    assert code == 0 and err == ""

@@ -323,7 +323,7 @@ def default_model(client: Client, kind: ModelKind) -> str:
         CommandFailed: The server hosts none.
         UsageError: The server hosts several (then `--model` must choose).
     """
-    names = [m.name for m in client.list_models() if m.kind == kind]
+    names = sorted(m.name for m in client.list_models() if m.kind == kind)
     if len(names) == 1:
         return names[0]
     if not names:

@@ -79,7 +79,7 @@ def docker_compose(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., su
         env.pop(name, None)
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(docker), "compose", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        return subprocess.run([str(docker), "compose", *args], cwd=ROOT, env=env, check=False, capture_output=True, text=True,
                               timeout=60)
 
     return run

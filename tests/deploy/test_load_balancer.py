@@ -1,0 +1,151 @@
+"""Two real server replicas behind a real nginx (the project's config, grpc_pass), all on loopback: calls spread
+over both replicas, a stream passes through intact, and a replica that drains on SIGTERM costs the clients
+no failed call."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from server.process import ServerProcess
+
+from client import Client
+
+from .conftest import DEPLOY, Daemon, free_port, http_get, wait_until
+
+NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
+
+
+def nginx_config(backends: list[str], grpc_port: int, health_port: int, workdir: Path) -> str:
+    """The project's nginx.conf with the replicas' loopback addresses in place of Docker's DNS name, loopback
+    listen ports, and file paths in `workdir`. Everything else (balancing, retries, timeouts) is as shipped."""
+    text = NGINX_CONF.read_text()
+
+    def replace(pattern: str, new: str) -> None:
+        nonlocal text
+        text, count = re.subn(pattern, new, text, flags=re.MULTILINE)
+        assert count == 1, f"{NGINX_CONF} no longer has exactly one match for {pattern!r}"
+
+    replace(r"^\s*resolver .*;\n", "")  # Docker's embedded DNS; the replicas are given by address here
+    match = re.search(r"^(\s*)server server:50051 resolve (.*);$", text, re.MULTILINE)
+    assert match, f"{NGINX_CONF}: the upstream line `server server:50051 resolve ...;` changed"
+    indent, parameters = match.groups()
+    text = text.replace(match.group(0), "\n".join(f"{indent}server {b} {parameters};" for b in backends))
+    replace(r"listen 50051 http2;", f"listen 127.0.0.1:{grpc_port} http2;")
+    replace(r"listen 8080;", f"listen 127.0.0.1:{health_port};")
+    replace(r"^pid .*;$", f"pid {workdir}/nginx.pid;")
+    # Debian's build keeps its temporary files under /var/lib/nginx, which the unpacked package lacks.
+    temp_paths = "".join(f"    {kind}_temp_path {workdir}/{kind};\n"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    replace(r"^http \{\n", "http {\n" + temp_paths)
+    return text
+
+
+@pytest.fixture
+def balanced(nginx_bin, quick_repo, tmp_path: Path, daemons) -> Iterator[tuple[str, list[ServerProcess]]]:
+    """(nginx's gRPC address, [replica A, replica B])."""
+    with ServerProcess(quick_repo) as a, ServerProcess(quick_repo) as b:
+        grpc_port, health_port = free_port(), free_port()
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(nginx_config([a.target, b.target], grpc_port, health_port, tmp_path))
+        argv = [str(nginx_bin), "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"]
+        check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        nginx: Daemon = daemons([*argv, "-g", "daemon off;"], tmp_path / "nginx.log")
+        wait_until(lambda: http_get(f"http://127.0.0.1:{health_port}/healthz") == "ok\n", "nginx up",
+                   process=nginx.process, logs=nginx.logs)
+        yield f"127.0.0.1:{grpc_port}", [a, b]
+
+
+def classify_ok(server: ServerProcess) -> float:
+    """Successful Classify calls the replica itself counted."""
+    text = http_get(server.metrics_url)
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "nlpserve_requests_total" and sample.labels["method"] == "Classify"
+               and sample.labels["code"] == "OK")
+
+
+def test_calls_spread_over_both_replicas_and_a_stream_passes_intact(balanced):
+    target, replicas = balanced
+    calls = 12
+    with Client(target=target, timeout=60) as client:
+        results = [client.classify([f"through the balancer {i}"]) for i in range(calls)]
+    assert len(results) == calls
+    counts = [classify_ok(r) for r in replicas]
+    assert sum(counts) == calls and all(c > 0 for c in counts), counts
+
+    # Greedy decoding is deterministic, and both replicas serve the same model: the stream through nginx
+    # must carry exactly the chunks a replica sends directly.
+    request = {"model": "docgpt", "max_new_tokens": 12, "temperature": 0.0}
+    with Client(target=replicas[0].target, timeout=60) as direct:
+        expected = list(direct.generate_stream("def main(", **request))
+    with Client(target=target, timeout=60) as client:
+        proxied = list(client.generate_stream("def main(", **request))
+    assert len(proxied) == len(expected) > 1
+
+    def content(chunks):  # timings differ from call to call
+        return [(c.text, c.token_ids, c.finish_reason, c.usage) for c in chunks]
+
+    assert content(proxied) == content(expected)
+    assert proxied[-1].finish_reason is not None
+
+
+def test_a_draining_replica_costs_the_clients_no_failed_call(balanced):
+    target, (a, b) = balanced
+    stop = threading.Event()
+    lock = threading.Lock()
+    done = {"classify": 0, "stream": 0}
+    failures: list[str] = []
+
+    def classify_loop() -> None:
+        with Client(target=target, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    client.classify(["keep going"])
+                except Exception as e:  # noqa: BLE001 - every failure is the finding
+                    with lock:
+                        failures.append(f"classify: {e!r}")
+                else:
+                    with lock:
+                        done["classify"] += 1
+
+    def stream_loop() -> None:
+        with Client(target=target, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    chunks = list(client.generate_stream("import ", model="docgpt", max_new_tokens=16))
+                    assert chunks, "an empty stream"
+                except Exception as e:  # noqa: BLE001
+                    with lock:
+                        failures.append(f"stream: {e!r}")
+                else:
+                    with lock:
+                        done["stream"] += 1
+
+    threads = [threading.Thread(target=classify_loop) for _ in range(3)] + [threading.Thread(target=stream_loop)]
+    for thread in threads:
+        thread.start()
+    try:
+        # Traffic on both replicas, then SIGTERM to one of them while calls are in flight.
+        wait_until(lambda: classify_ok(a) >= 5 and classify_ok(b) >= 5 and done["stream"] >= 2,
+                   "traffic on both replicas", timeout=120)
+        a.send_signal(signal.SIGTERM)
+        exit_code = a.wait(timeout=60)
+        after_exit = dict(done)
+        served_by_b = classify_ok(b)
+        # The survivor takes every call from now on.
+        wait_until(lambda: done["classify"] >= after_exit["classify"] + 20 and done["stream"] > after_exit["stream"],
+                   "calls after the replica left", timeout=120)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not failures, f"{len(failures)} failed calls, e.g. {failures[:5]}\nreplica A:\n{a.logs()[-3000:]}"
+    assert exit_code == 0, a.logs()[-3000:]
+    assert classify_ok(b) >= served_by_b + 20

@@ -1,0 +1,147 @@
+"""serve(): the grpc.aio server and the standard parts around the core, wired in one place: the inference
+servicer, health (grpc.health.v1), reflection, the Prometheus endpoint, signals and the graceful drain.
+
+Life of the process:
+1. the gRPC port opens at once with every health service NOT_SERVING, so orchestrators can watch start-up;
+2. each model loads (its execution provider checked) and warms up off the event loop; its health service
+   turns SERVING; once all are, "" and nlpserve.v1.InferenceService turn SERVING and the ready file is written;
+3. on SIGTERM or SIGINT every health service turns NOT_SERVING, new requests get UNAVAILABLE, in-flight
+   requests and streams get `grace_seconds` to finish, then the server stops and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from client.proto import inference_pb2, inference_pb2_grpc
+
+from .config import Settings
+from .errors import StartupError
+from .metrics import Metrics
+from .models import ModelHub, load_model
+from .repository import scan
+from .servicers.inference import InferenceServicer
+from .servicers.status import Gate
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def write_ready_file(path: Path, grpc_port: int, metrics_port: int) -> None:
+    """Writes the ready file atomically: a reader sees either nothing or the whole JSON."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+async def serve(
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[int, int], None] | None = None,
+) -> int:
+    """Runs the server until SIGTERM/SIGINT (or `stop` is set); returns the process exit code.
+
+    `registry`, `stop` and `on_ready(grpc_port, metrics_port)` let tests run it in-process.
+    """
+    configs = scan(settings.models)  # a bad repository fails before any port opens
+    metrics = Metrics(registry)
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (in-process tests)
+            pass
+
+    metrics_port, httpd = -1, None
+    if settings.metrics_port >= 0:
+        httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        metrics_port = httpd.server_port
+
+    limit = settings.max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),  # port 0 and a busy port must mean what they say
+        ]
+    )
+    hub, gate = ModelHub(), Gate()
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(hub, metrics, gate), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    services = ["", SERVICE_NAME, *(c.name for c in configs)]
+    for name in services:
+        await health.set(name, NOT_SERVING)
+    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if grpc_port == 0:
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}")
+    await server.start()
+    log.info(
+        "gRPC on %s:%d, metrics on port %d; loading %d models",
+        settings.host,
+        grpc_port,
+        metrics_port,
+        len(configs),
+    )
+
+    try:
+        for config in configs:
+            if stop.is_set():
+                break
+            served = await asyncio.to_thread(load_model, config, settings, metrics)
+            hub.add(served)
+    except StartupError as exc:
+        log.error("%s", exc)
+        await server.stop(0)
+        if httpd is not None:
+            httpd.shutdown()
+        return 1
+    hub.start()
+    if not stop.is_set():
+        for name in services[::-1]:  # the models first, the whole server last
+            await health.set(name, SERVING)
+        log.info("SERVING %s", ", ".join(f"{m.name} ({m.description.provider})" for m in hub.models.values()))
+        if settings.ready_file is not None:
+            write_ready_file(settings.ready_file, grpc_port, metrics_port)
+        if on_ready is not None:
+            on_ready(grpc_port, metrics_port)
+
+    await stop.wait()
+    started = time.monotonic()
+    log.info(
+        "draining: NOT_SERVING, refusing new requests, %d in flight, grace %.1fs",
+        gate.in_flight,
+        settings.grace_seconds,
+    )
+    gate.draining = True
+    await health.enter_graceful_shutdown()
+    if not await gate.wait_idle(settings.grace_seconds):
+        log.warning("grace period over: cancelling %d requests still in flight", gate.in_flight)
+    await server.stop(0)
+    await hub.close()
+    if httpd is not None:
+        httpd.shutdown()
+    log.info("stopped after a %.2fs drain", time.monotonic() - started)
+    return 0

@@ -1,0 +1,175 @@
+"""The classifier model: tokenize a whole batch at once, group by length, pad, run, softmax, split back.
+
+`ClassifierModel.run` is the batcher's ``run_batch``: a plain, blocking function of a list of requests,
+called in the batcher's worker thread; it knows nothing of gRPC or asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import InvalidInput
+from .repository import ModelConfig
+from .runtime import Session
+from .types import Classification, ClassifyRequest
+
+log = logging.getLogger(__name__)
+
+# Splitting a batch into two session calls pays when it saves more padded tokens than this: the fixed cost
+# of one ONNX Runtime call, counted in tokens of compute (a rough figure for small encoders on a CPU).
+CALL_COST_TOKENS = 32
+
+
+def plan_groups(lengths: Sequence[int], max_group: int, call_cost: int = CALL_COST_TOKENS) -> list[list[int]]:
+    """Splits sequences into groups of similar length, each padded to its own longest.
+
+    Sorts by length, then picks the cut points that minimise ``sum(group size * longest in group) +
+    call_cost * groups`` (dynamic programming over the sorted order), with at most `max_group` per group.
+    Returns lists of indices into `lengths`; every index appears exactly once.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n = len(order)
+    if n == 0:
+        return []
+    best = [0] + [0] * n  # best[i]: cost of grouping the i shortest
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = lengths[order[end - 1]]  # sorted: the last of a group is its longest
+        best[end] = -1
+        for start in range(max(0, end - max_group), end):
+            cost = best[start] + (end - start) * longest + call_cost
+            if best[end] < 0 or cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups = []
+    end = n
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token id lists into (input_ids, attention_mask), both int64 of shape (B, longest)."""
+    longest = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), longest), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class ClassifierModel:
+    def __init__(
+        self, config: ModelConfig, session: Session, max_texts_per_request: int, max_batch_size: int
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.labels = config.labels
+        self.max_texts_per_request = max_texts_per_request
+        self.max_batch_size = max_batch_size
+        self.tokenizer = Tokenizer.from_file(str(config.tokenizer_path))
+        # Padding is ours (per length group); truncation is the tokenizer's, which keeps room for [CLS]/[SEP]
+        # and records what it cut in `overflowing`.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(config.max_sequence_length)
+        pad = config.special_tokens.get("pad")
+        self.pad_id = int(pad) if pad is not None else 0
+        self.uses_token_types = "token_type_ids" in session.input_names
+        self.has_embedding = "embedding" in session.output_names and "embedding" in config.onnx_outputs
+        self.outputs = ["logits", "embedding"] if self.has_embedding else ["logits"]
+        self.embedding_size = int(config.architecture.get("hidden_size", 0)) if self.has_embedding else 0
+
+    def validate(self, request: ClassifyRequest) -> None:
+        """Checks what can be checked without tokenizing; raises InvalidInput naming the field."""
+        if not request.texts:
+            raise InvalidInput("texts", "at least one text is required")
+        if len(request.texts) > self.max_texts_per_request:
+            raise InvalidInput(
+                "texts", f"{len(request.texts)} texts, at most {self.max_texts_per_request} per request"
+            )
+        for i, text in enumerate(request.texts):
+            if not text:
+                raise InvalidInput(f"texts[{i}]", "empty text")
+        if request.return_embedding and not self.has_embedding:
+            raise InvalidInput("return_embedding", f"model {self.config.name} has no embedding output")
+
+    def run(self, requests: list[ClassifyRequest]) -> list[list[Classification] | Exception]:
+        """Classifies every text of every request in as few session calls as pays; one result per request."""
+        texts = [t for r in requests for t in r.texts]
+        encodings = self.tokenizer.encode_batch(texts)
+        results: list[list[Classification] | Exception] = []
+        # Which texts run: a no_truncation request with a text over the limit fails alone, before compute.
+        todo: list[int] = []
+        start = 0
+        for request in requests:
+            span = range(start, start + len(request.texts))
+            start = span.stop
+            too_long = [i - span.start for i in span if encodings[i].overflowing]
+            if request.no_truncation and too_long:
+                first = too_long[0]
+                results.append(
+                    InvalidInput(
+                        f"texts[{first}]",
+                        f"longer than the model's limit of {self.config.max_sequence_length} tokens "
+                        "(no_truncation is set)",
+                    )
+                )
+            else:
+                results.append([])
+                todo.extend(span)
+        want_embedding = any(r.return_embedding for r in requests)
+        probabilities, embeddings = self._compute(
+            [encodings[i].ids for i in todo], [encodings[i].type_ids for i in todo], want_embedding
+        )
+        row_of = {i: row for row, i in enumerate(todo)}
+        labels = self.labels
+        best = probabilities.argmax(axis=-1)
+        by_text: dict[int, Classification] = {}
+        for row, i in enumerate(todo):
+            k = int(best[row])
+            by_text[i] = Classification(
+                label=labels[k],
+                score=float(probabilities[row, k]),
+                probabilities=probabilities[row].tolist(),
+                truncated=bool(encodings[i].overflowing),
+                num_tokens=len(encodings[i].ids),
+            )
+        start = 0
+        for request, result in zip(requests, results):
+            if isinstance(result, list):
+                result.extend(by_text[i] for i in range(start, start + len(request.texts)))
+                if request.return_embedding:
+                    for offset, c in enumerate(result):
+                        c.embedding = embeddings[row_of[start + offset]].tolist()
+            start += len(request.texts)
+        return results
+
+    def _compute(
+        self, ids: list[list[int]], type_ids: list[list[int]], want_embedding: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, labels) and, when asked, embeddings (N, hidden), in the order of `ids`."""
+        n = len(ids)
+        probabilities = np.zeros((n, len(self.labels)), dtype=np.float32)
+        embeddings = np.zeros((n, self.embedding_size), dtype=np.float32) if want_embedding else None
+        outputs_wanted = self.outputs if want_embedding else ["logits"]
+        for group in plan_groups([len(x) for x in ids], self.max_batch_size) if n else []:
+            input_ids, mask = pad_batch([ids[i] for i in group], self.pad_id)
+            feeds = {"input_ids": input_ids, "attention_mask": mask}
+            if self.uses_token_types:
+                feeds["token_type_ids"], _ = pad_batch([type_ids[i] for i in group], 0)
+            outputs = self.session.run(outputs_wanted, feeds)
+            probabilities[group] = softmax(outputs[0].astype(np.float32))
+            if embeddings is not None:
+                embeddings[group] = outputs[1]
+        return probabilities, embeddings

@@ -1,0 +1,203 @@
+"""Settings of the server: a frozen dataclass, filled from command-line flags, then environment variables
+(``NLPSERVE_<FLAG>``, e.g. ``NLPSERVE_METRICS_PORT``), then defaults. Per-model batching settings that are left
+unset here come from the model's ``config.json``.
+
+This module imports nothing heavy: ``python -m server --help`` and logging set-up come before ONNX Runtime loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "NLPSERVE_"
+
+
+class Device(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
+class Variant(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    OPT = "opt"
+
+
+class BatchPolicy(str, enum.Enum):
+    # Start a batch as soon as the model is idle; requests gather while a batch runs (no tuning needed).
+    ADAPTIVE = "adaptive"
+    # Triton-style: hold a batch open until it is full or its oldest request waited max_queue_delay_ms.
+    FIXED = "fixed"
+
+
+class GraphOptimization(str, enum.Enum):
+    DISABLED = "disabled"
+    BASIC = "basic"
+    EXTENDED = "extended"
+    ALL = "all"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the server process can be told. ``None`` means "the model's config.json decides"."""
+
+    models: Path = field(
+        default=None,
+        metadata=_help("the model repository (one folder per model, one sub-folder per version)"),
+    )
+    host: str = field(default="0.0.0.0", metadata=_help("address to listen on"))
+    port: int = field(default=50051, metadata=_help("gRPC port (0 picks a free one)"))
+    metrics_port: int = field(
+        default=8000, metadata=_help("Prometheus /metrics HTTP port (0 picks a free one; -1 disables)")
+    )
+    device: Device = field(
+        default=Device.AUTO,
+        metadata=_help("execution provider to use; cuda and tensorrt fail at start-up when not active"),
+    )
+    variant: Variant = field(
+        default=Variant.FP32,
+        metadata=_help("model file variant; a model without it falls back to fp32 (logged)"),
+    )
+    intra_op_threads: int = field(
+        default=0, metadata=_help("ONNX Runtime intra-op threads per session (0: ONNX Runtime's default)")
+    )
+    graph_optimization: GraphOptimization = field(
+        default=GraphOptimization.ALL, metadata=_help("ONNX Runtime graph optimization level")
+    )
+    max_batch_size: int | None = field(
+        default=None, metadata=_help("classifiers: sequences per batch (overrides config.json)")
+    )
+    max_queue_delay_ms: float | None = field(
+        default=None, metadata=_help("classifiers: upper bound on a request's wait for its batch")
+    )
+    batch_policy: BatchPolicy = field(
+        default=BatchPolicy.ADAPTIVE, metadata=_help("classifiers: batching policy")
+    )
+    max_queue_size: int | None = field(
+        default=None, metadata=_help("requests waiting per model; past it RESOURCE_EXHAUSTED")
+    )
+    max_active_sequences: int | None = field(
+        default=None, metadata=_help("generators: sequences decoded together")
+    )
+    max_texts_per_request: int = field(default=256, metadata=_help("classifiers: texts per Classify request"))
+    max_message_bytes: int = field(
+        default=4 * 1024 * 1024, metadata=_help("largest gRPC message received or sent")
+    )
+    grace_seconds: float = field(
+        default=30.0, metadata=_help("on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    )
+    ready_file: Path | None = field(
+        default=None, metadata=_help("write {grpc_port, metrics_port, pid} as JSON here once SERVING")
+    )
+    log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _converter(opt: dataclasses.Field) -> Any:
+    """The callable that turns a flag's (or environment variable's) text into the field's type."""
+    kind = opt.type.replace(" | None", "") if isinstance(opt.type, str) else opt.type
+    return {
+        "Path": Path,
+        "int": int,
+        "float": float,
+        "str": str,
+        "Device": Device,
+        "Variant": Variant,
+        "BatchPolicy": BatchPolicy,
+        "GraphOptimization": GraphOptimization,
+    }[kind]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="The nlpserve gRPC model server. Every flag can also be set with an environment variable "
+        f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}METRICS_PORT=9000); flags win over the environment.",
+    )
+    for opt in dataclasses.fields(Settings):
+        conv = _converter(opt)
+        kwargs: dict[str, Any] = {"dest": opt.name, "default": None, "help": opt.metadata["help"]}
+        if issubclass(conv, enum.Enum):
+            kwargs["choices"] = [m.value for m in conv]
+        else:
+            kwargs["type"] = conv
+        kwargs["help"] += f" [env {_env_name(opt.name)}"
+        kwargs["help"] += f", default {_show(opt.default)}]" if opt.default is not None else "]"
+        parser.add_argument(_flag(opt.name), **kwargs)
+    return parser
+
+
+def _show(value: Any) -> str:
+    return value.value if isinstance(value, enum.Enum) else str(value)
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags first, then ``NLPSERVE_*`` environment variables, then defaults. Exits (argparse) on bad values."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in dataclasses.fields(Settings):
+        conv = _converter(opt)
+        raw = getattr(args, opt.name)
+        source = _flag(opt.name)
+        if raw is None and environ.get(_env_name(opt.name), "") != "":
+            raw, source = environ[_env_name(opt.name)], _env_name(opt.name)
+        if raw is None:
+            continue
+        try:
+            values[opt.name] = conv(raw)
+        except ValueError as exc:
+            parser.error(f"{source}: {exc}")
+    if "models" not in values:
+        parser.error(f"--models (or {_env_name('models')}) is required")
+    settings = Settings(**values)
+    _check(settings, parser)
+    return settings
+
+
+def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
+    problems = []
+    if not 0 <= s.port <= 65535:
+        problems.append("--port must be in 0..65535")
+    if not -1 <= s.metrics_port <= 65535:
+        problems.append("--metrics-port must be in -1..65535")
+    for name in ("max_batch_size", "max_queue_size", "max_active_sequences"):
+        value = getattr(s, name)
+        if value is not None and value < 1:
+            problems.append(f"{_flag(name)} must be at least 1")
+    if s.max_queue_delay_ms is not None and not s.max_queue_delay_ms >= 0:
+        problems.append("--max-queue-delay-ms must be 0 or more")
+    if s.intra_op_threads < 0:
+        problems.append("--intra-op-threads must be 0 or more")
+    if s.max_texts_per_request < 1:
+        problems.append("--max-texts-per-request must be at least 1")
+    if s.max_message_bytes < 1024:
+        problems.append("--max-message-bytes must be at least 1024")
+    if not s.grace_seconds >= 0:
+        problems.append("--grace-seconds must be 0 or more")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        problems.append("--log-level must be DEBUG, INFO, WARNING or ERROR")
+    if problems:
+        parser.error("; ".join(problems))

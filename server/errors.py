@@ -1,0 +1,36 @@
+"""The core's exceptions. The core raises these; the servicers map them to gRPC status codes in one place
+(`server.servicers.status`), so that a second front (the Open Inference Protocol) can map them its own way."""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base of every error the core raises on purpose; its message is safe to show to the client."""
+
+
+class InvalidInput(ServeError, ValueError):
+    """The request is malformed; the message names the field (``texts[2]: empty``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class ModelNotFound(ServeError, LookupError):
+    """No model of that name (or no model of the asked kind)."""
+
+
+class Overloaded(ServeError):
+    """A bounded queue is full; the client should back off and retry."""
+
+
+class Unavailable(ServeError):
+    """The server is draining, or the model is not ready yet."""
+
+
+class DeadlineExceeded(ServeError):
+    """The request's deadline passed before its work was done (for instance while it was queued)."""
+
+
+class StartupError(Exception):
+    """The server cannot start (no models, an execution provider that is not active...); the message says why."""

@@ -1,0 +1,1 @@
+"""Text generation: continuous batching (scheduler), the KV cache, sampling, stop sequences, detokenization."""

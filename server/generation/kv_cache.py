@@ -1,0 +1,89 @@
+"""The KV cache of the running decode batch: concatenate and filter.
+
+The exported decoder (Hugging Face/Optimum conventions) takes ``past_key_values.{i}.key|value`` of shape
+(batch, heads, past, head_size) and returns ``present`` = past + the new tokens. We keep the present arrays
+of the whole running batch as they come out of ONNX Runtime and feed them back at the next step:
+
+- a sequence that leaves (finished, cancelled) is filtered out along the batch axis;
+- sequences that join after their prefill are concatenated along the batch axis, the shorter side padded on
+  the left (attention mask 0), the layout the graph expects;
+- leading columns that no remaining row attends to are trimmed, so the past never outgrows the longest
+  live sequence.
+
+Why not a preallocated cache: with this graph, ONNX Runtime allocates ``present`` anew each step anyway
+(the concatenation is inside the graph), so a preallocated buffer would add a copy rather than save one.
+Sharing one buffer between past and present needs a different graph (onnxruntime-genai's
+GroupQueryAttention with past_present_share_buffer), which the exporter does not write. Filtering and joining
+copy the cache, but only when the batch changes, not at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class KVCache:
+    """Keys and values per layer, (B, H, P, D) each, and the attention mask (B, P) of the past."""
+
+    __slots__ = ("keys", "mask", "values")
+
+    def __init__(self, keys: list[np.ndarray], values: list[np.ndarray], mask: np.ndarray) -> None:
+        self.keys = keys
+        self.values = values
+        self.mask = mask
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, num_heads: int, head_size: int, dtype: type) -> KVCache:
+        zero = np.zeros((batch, num_heads, 0, head_size), dtype=dtype)
+        return cls([zero] * num_layers, [zero] * num_layers, np.zeros((batch, 0), dtype=np.int64))
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def select(self, rows: Sequence[int]) -> KVCache:
+        """Keeps only `rows` (in that order), then trims the columns no kept row attends to."""
+        idx = np.asarray(rows, dtype=np.int64)
+        mask = self.mask[idx]
+        attended = mask.any(axis=0)
+        start = int(attended.argmax()) if attended.any() else mask.shape[1]
+        return KVCache(
+            [k[idx, :, start:] for k in self.keys], [v[idx, :, start:] for v in self.values], mask[:, start:]
+        )
+
+    @staticmethod
+    def join(a: KVCache, b: KVCache) -> KVCache:
+        """`a`'s rows then `b`'s, left-padding the shorter past."""
+        if a.batch == 0:
+            return b
+        if b.batch == 0:
+            return a
+        length = max(a.length, b.length)
+        return KVCache(
+            [np.concatenate([_left_pad(x, length), _left_pad(y, length)]) for x, y in zip(a.keys, b.keys)],
+            [
+                np.concatenate([_left_pad(x, length), _left_pad(y, length)])
+                for x, y in zip(a.values, b.values)
+            ],
+            np.concatenate([_left_pad_mask(a.mask, length), _left_pad_mask(b.mask, length)]),
+        )
+
+
+def _left_pad(x: np.ndarray, length: int) -> np.ndarray:
+    missing = length - x.shape[2]
+    if missing == 0:
+        return x
+    return np.concatenate([np.zeros((*x.shape[:2], missing, x.shape[3]), dtype=x.dtype), x], axis=2)
+
+
+def _left_pad_mask(mask: np.ndarray, length: int) -> np.ndarray:
+    missing = length - mask.shape[1]
+    if missing == 0:
+        return mask
+    return np.concatenate([np.zeros((mask.shape[0], missing), dtype=mask.dtype), mask], axis=1)

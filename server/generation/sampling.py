@@ -1,0 +1,103 @@
+"""Per-request sampling: greedy, temperature, top-k, top-p, repetition penalty, with a seeded generator.
+
+Each request owns a ``numpy.random.Generator`` seeded from its seed, and every transformation works on that
+request's row of logits alone, so the same seed and parameters give the same tokens whatever else shares the
+decode batch. Log-probabilities are those of the model's own distribution (log-softmax of the raw logits),
+as OpenAI's and vLLM's APIs report them, not of the filtered sampling distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from ..types import SamplingParams
+
+
+class Sampler:
+    """The sampling state of one sequence: its parameters, its random generator, the tokens seen so far."""
+
+    __slots__ = ("_seen", "_seen_array", "params", "rng")
+
+    def __init__(self, params: SamplingParams, seed: int, prompt_ids: Iterable[int] = ()) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(seed)
+        # Only the repetition penalty needs the history; keep it as a set of distinct ids.
+        self._seen: set[int] | None = set(prompt_ids) if params.repetition_penalty != 1.0 else None
+        self._seen_array: np.ndarray | None = None
+
+    @property
+    def simple_greedy(self) -> bool:
+        """Greedy with nothing to apply per row: a batch of these is one vectorised argmax."""
+        return self.params.greedy and self._seen is None
+
+    def observe(self, token: int) -> None:
+        if self._seen is not None and token not in self._seen:
+            self._seen.add(token)
+            self._seen_array = None
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Picks the next token from one row of logits (vocab,)."""
+        p = self.params
+        x = logits.astype(np.float64)  # a copy: the caller's row stays the model's distribution
+        if self._seen:
+            if self._seen_array is None:
+                self._seen_array = np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
+            idx = self._seen_array
+            v = x[idx]
+            # CTRL (Keskar et al. 2019): push seen tokens' logits towards "less likely" whatever their sign.
+            x[idx] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if p.greedy:
+            return int(np.argmax(x))
+        x /= p.temperature
+        if 0 < p.top_k < x.shape[0]:
+            kth = np.partition(x, -p.top_k)[-p.top_k]
+            x[x < kth] = -np.inf
+        x -= x.max()
+        probs = np.exp(x)
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, p.top_p)) + 1]  # the smallest set reaching top_p
+            kept = np.zeros_like(probs)
+            kept[keep] = probs[keep]
+            probs = kept
+        cdf = np.cumsum(probs)
+        token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return min(token, probs.shape[0] - 1)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def sample_batch(
+    logits: np.ndarray, samplers: Sequence[Sampler], want_logprobs: Sequence[bool]
+) -> tuple[list[int], list[float | None]]:
+    """Next token of every row of `logits` (B, vocab), and its log-probability where asked for.
+
+    Rows of plain greedy requests are decided together by one argmax; the others row by row.
+    """
+    tokens = [0] * len(samplers)
+    greedy_rows = [i for i, s in enumerate(samplers) if s.simple_greedy]
+    if greedy_rows:
+        best = np.argmax(logits[greedy_rows], axis=-1)
+        for i, t in zip(greedy_rows, best.tolist()):
+            tokens[i] = t
+    if len(greedy_rows) < len(samplers):
+        for i, s in enumerate(samplers):
+            if not s.simple_greedy:
+                tokens[i] = s.sample(logits[i])
+    logprobs: list[float | None] = [None] * len(samplers)
+    rows = [i for i, w in enumerate(want_logprobs) if w]
+    if rows:
+        lp = log_softmax(logits[rows])
+        for j, i in enumerate(rows):
+            logprobs[i] = float(lp[j, tokens[i]])
+    for s, t in zip(samplers, tokens):
+        s.observe(t)
+    return tokens, logprobs

@@ -1,0 +1,350 @@
+"""Continuous batching: one decode step at a time for every active sequence of a model.
+
+A dedicated thread runs the loop (ONNX Runtime releases the GIL while it computes; the asyncio event loop
+only moves requests in and chunks out):
+
+1. at a step boundary, waiting requests are admitted up to ``max_active_sequences``; they are prefilled
+   together, get their first token, and join the running batch (their caches joined to the batch's);
+2. one decode step runs for every active sequence;
+3. sequences that finished (length, stop sequence, EOS), were cancelled, or passed their deadline leave at
+   once, and their slots are free for the next boundary.
+
+Chunks go back through one ``deliver(list of (sink, chunk))`` call per step, which the asyncio front turns
+into a single ``call_soon_threadsafe``: one wake-up of the event loop per step, not one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from ..errors import DeadlineExceeded, Overloaded, Unavailable
+from ..metrics import GENERATE, Metrics
+from ..types import FinishReason, GenerateRequest, GenerationChunk, Timings, Usage, join_chunks
+from .detokenize import IncrementalDetokenizer
+from .kv_cache import KVCache
+from .model import GeneratorModel, PreparedRequest
+from .sampling import Sampler, sample_batch
+from .stopping import StopMatcher
+
+log = logging.getLogger(__name__)
+
+Event = GenerationChunk | BaseException
+Sink = Callable[[Event], None]
+Deliver = Callable[[list[tuple[Sink, Event]]], None]
+
+
+@dataclass(eq=False)
+class _Sequence:
+    prepared: PreparedRequest
+    sink: Sink
+    arrival: float
+    deadline: float | None
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stopper: StopMatcher
+    want_logprobs: bool
+    cancelled: bool = False
+    started: float = 0.0  # prefill start
+    first_token: float = 0.0
+    last_token: float = 0.0
+    position: int = 0  # position of the next token fed (real tokens so far)
+    last_id: int = 0  # the token to feed at the next step
+    generated: int = 0
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[float] = field(default_factory=list)
+
+
+class SequenceHandle:
+    """Lets the front cancel a request; cancelling a finished one does nothing."""
+
+    __slots__ = ("_scheduler", "_seq")
+
+    def __init__(self, scheduler: GenerationScheduler, seq: _Sequence) -> None:
+        self._scheduler = scheduler
+        self._seq = seq
+
+    def cancel(self) -> None:
+        self._scheduler._cancel(self._seq)
+
+
+def _call_each(pairs: list[tuple[Sink, Event]]) -> None:
+    for sink, event in pairs:
+        sink(event)
+
+
+class GenerationScheduler:
+    def __init__(
+        self,
+        model: GeneratorModel,
+        *,
+        max_active_sequences: int,
+        max_queue_size: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.model = model
+        self.name = model.config.name
+        self.max_active_sequences = max_active_sequences
+        self.max_queue_size = max_queue_size
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._cache: KVCache | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._deliver: Deliver = _call_each
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._m = metrics
+        if metrics is not None:
+            self._m_queue_depth = metrics.queue_depth.labels(self.name)
+            self._m_active = metrics.active_sequences.labels(self.name)
+            self._m_queue_time = metrics.queue_duration.labels(self.name, GENERATE)
+            self._m_compute = metrics.compute_duration.labels(self.name, GENERATE)
+            self._m_batch = metrics.batch_size.labels(self.name, GENERATE)
+            self._m_prompt = metrics.prompt_tokens.labels(self.name)
+            self._m_generated = metrics.generated_tokens.labels(self.name)
+            self._m_ttft = metrics.time_to_first_token.labels(self.name)
+            self._m_itl = metrics.inter_token_latency.labels(self.name)
+
+    # -- the front's side ------------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Starts the decode thread. With `loop`, sinks are called on that event loop (one hop per step);
+        without, in the decode thread itself (in-process use, benchmarks)."""
+        if loop is not None:
+            self._loop = loop
+            self._deliver = lambda pairs: loop.call_soon_threadsafe(_call_each, pairs)
+        self._thread = threading.Thread(target=self._run, name=f"decode-{self.name}", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuses new requests, lets the admitted and waiting ones finish, stops the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, request: GenerateRequest, sink: Sink, deadline: float | None = None) -> SequenceHandle:
+        """Validates and queues `request`; its chunks (or one exception) go to `sink`. Raises InvalidInput,
+        Overloaded (waiting queue full) or Unavailable (closing) at once."""
+        prepared = self.model.prepare(request)
+        params = request.params
+        seq = _Sequence(
+            prepared=prepared,
+            sink=sink,
+            arrival=time.monotonic(),
+            deadline=deadline,
+            sampler=Sampler(params, prepared.seed, prepared.prompt_ids),
+            detok=IncrementalDetokenizer(self.model.tokenizer, prepared.prompt_ids),
+            stopper=StopMatcher(params.stop),
+            want_logprobs=params.logprobs,
+        )
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the server is shutting down")
+            if len(self._waiting) >= self.max_queue_size:
+                raise Overloaded(f"model {self.name}: {len(self._waiting)} requests waiting (max_queue_size)")
+            self._waiting.append(seq)
+            self._gauges()
+            self._cond.notify()
+        return SequenceHandle(self, seq)
+
+    async def stream(
+        self, request: GenerateRequest, deadline: float | None = None
+    ) -> AsyncIterator[GenerationChunk]:
+        """The asyncio front: yields the chunks of one request. Leaving the iteration early (client gone,
+        cancelled) cancels the sequence, which leaves the batch at the next step boundary."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        handle = self.submit(request, queue.put_nowait, deadline)
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish is not None:
+                    return
+        finally:
+            handle.cancel()
+
+    async def generate(self, request: GenerateRequest, deadline: float | None = None) -> GenerationChunk:
+        """The unary result: the stream's chunks joined."""
+        return join_chunks([chunk async for chunk in self.stream(request, deadline)])
+
+    def _cancel(self, seq: _Sequence) -> None:
+        seq.cancelled = True
+        with self._cond:
+            try:
+                self._waiting.remove(seq)  # still queued: it never costs a step
+            except ValueError:
+                return  # active (leaves at the next boundary) or already gone
+            self._gauges()
+
+    def _gauges(self) -> None:
+        if self._m is not None:
+            self._m_queue_depth.set(len(self._waiting))
+            self._m_active.set(len(self._active))
+
+    # -- the decode thread -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._active:
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                admitted = []
+                while self._waiting and len(self._active) + len(admitted) < self.max_active_sequences:
+                    admitted.append(self._waiting.popleft())
+            events: list[tuple[Sink, Event]] = []
+            self._leave(events)
+            if admitted:
+                try:
+                    self._prefill(admitted, events)
+                except Exception as exc:
+                    log.exception("model %s: a prefill of %d sequences failed", self.name, len(admitted))
+                    events.extend((seq.sink, exc) for seq in admitted if not seq.cancelled)
+                if events:  # first tokens go out now, not after the decode step
+                    self._deliver(events)
+                    events = []
+            if self._active:
+                try:
+                    self._step(events)
+                except Exception as exc:
+                    log.exception(
+                        "model %s: a decode step of %d sequences failed", self.name, len(self._active)
+                    )
+                    events.extend((seq.sink, exc) for seq in self._active)
+                    self._active, self._cache = [], None
+            with self._cond:
+                self._gauges()
+            if events:
+                self._deliver(events)
+
+    def _leave(self, events: list[tuple[Sink, Event]]) -> None:
+        """Drops cancelled and expired sequences from the running batch (at a step boundary)."""
+        now = time.monotonic()
+        keep = []
+        for row, seq in enumerate(self._active):
+            if seq.deadline is not None and now >= seq.deadline and not seq.cancelled:
+                events.append((seq.sink, DeadlineExceeded("the deadline passed during generation")))
+                seq.cancelled = True
+            if not seq.cancelled:
+                keep.append(row)
+        if len(keep) < len(self._active):
+            self._active = [self._active[r] for r in keep]
+            self._cache = self._cache.select(keep) if keep else None
+            with self._cond:
+                self._gauges()
+
+    def _prefill(self, admitted: list[_Sequence], events: list[tuple[Sink, Event]]) -> None:
+        now = time.monotonic()
+        group = []
+        for seq in admitted:
+            if seq.cancelled:
+                continue
+            if seq.deadline is not None and now >= seq.deadline:
+                events.append(
+                    (seq.sink, DeadlineExceeded("the deadline passed while the request was queued"))
+                )
+                continue
+            seq.started = now
+            group.append(seq)
+        if not group:
+            return
+        if self._m is not None:
+            for seq in group:
+                self._m_queue_time.observe(now - seq.arrival)
+            self._m_prompt.inc(sum(len(s.prepared.prompt_ids) for s in group))
+        logits, cache = self.model.prefill([s.prepared.prompt_ids for s in group])
+        for seq in group:
+            seq.position = len(seq.prepared.prompt_ids)
+        keep = self._accept(group, logits, events)
+        if keep:
+            cache = cache.select(keep)
+            self._cache = cache if self._cache is None else KVCache.join(self._cache, cache)
+            self._active.extend(group[r] for r in keep)
+        with self._cond:
+            self._gauges()
+
+    def _step(self, events: list[tuple[Sink, Event]]) -> None:
+        start = time.monotonic()
+        active = self._active
+        logits, cache = self.model.decode(
+            [s.last_id for s in active], [s.position for s in active], self._cache
+        )
+        for seq in active:
+            seq.position += 1
+        keep = self._accept(active, logits, events)
+        if len(keep) < len(active):
+            self._active = [active[r] for r in keep]
+            cache = cache.select(keep) if keep else None
+        self._cache = cache
+        if self._m is not None:
+            self._m_compute.observe(time.monotonic() - start)
+            self._m_batch.observe(len(active))
+
+    def _accept(self, seqs: list[_Sequence], logits, events: list[tuple[Sink, Event]]) -> list[int]:
+        """Samples each sequence's next token, emits its text; returns the rows that go on."""
+        tokens, logprobs = sample_batch(logits, [s.sampler for s in seqs], [s.want_logprobs for s in seqs])
+        now = time.monotonic()
+        keep = []
+        eos = self.model.eos_id
+        for row, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs)):
+            if seq.generated == 0:
+                seq.first_token = now
+                if self._m is not None:
+                    self._m_ttft.observe(now - seq.arrival)
+            elif self._m is not None:
+                self._m_itl.observe(now - seq.last_token)
+            seq.last_token = now
+            seq.generated += 1
+            seq.last_id = token
+            seq.pending_ids.append(token)
+            if logprob is not None:
+                seq.pending_logprobs.append(logprob)
+            finish = None
+            if eos is not None and token == eos:
+                finish = FinishReason.EOS
+                text = seq.stopper.flush()
+            else:
+                text, stopped = seq.stopper.push(seq.detok.add(token))
+                if stopped:
+                    finish = FinishReason.STOP
+                elif seq.generated >= seq.prepared.max_new_tokens:
+                    finish = FinishReason.LENGTH
+                    text += seq.stopper.flush()
+            if finish is None and seq.cancelled:
+                continue  # the client is gone: nothing to send, and the row leaves now
+            if finish is not None or text:
+                chunk = GenerationChunk(
+                    text, seq.pending_ids, seq.pending_logprobs if seq.want_logprobs else None
+                )
+                seq.pending_ids, seq.pending_logprobs = [], []
+                if finish is not None:
+                    chunk.finish = finish
+                    chunk.usage = Usage(len(seq.prepared.prompt_ids), seq.generated)
+                    chunk.timings = Timings(
+                        seq.started - seq.arrival, seq.first_token - seq.arrival, now - seq.arrival
+                    )
+                events.append((seq.sink, chunk))
+            if finish is None:
+                keep.append(row)
+        if self._m is not None:
+            self._m_generated.inc(len(seqs))
+        return keep

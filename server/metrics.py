@@ -1,0 +1,98 @@
+"""Every Prometheus metric of the server, declared once.
+
+The metrics live on a ``Metrics`` object bound to a registry rather than on the global default registry, so
+that tests (and several servers in one process) each get a fresh ``CollectorRegistry``. Labels are bounded:
+the model name (only names the server hosts), the RPC method, the gRPC status code name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latencies from 1 ms to 60 s: classification batches take milliseconds, long generations take seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A decode step or a small batch can take well under a millisecond on a tiny model.
+STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# Batch-level metrics use these method labels (whether the request came through Generate or GenerateStream).
+CLASSIFY = "Classify"
+GENERATE = "Generate"
+
+
+class Metrics:
+    """The server's metrics, registered on `registry` (a fresh ``CollectorRegistry()`` in tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "nlpserve_requests",
+            "Requests handled, by gRPC status code.",
+            ["model", "method", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "nlpserve_request_duration_seconds",
+            "Time from arrival to the last response message.",
+            ["model", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "nlpserve_queue_duration_seconds",
+            "Time a request waited before its batch (or prefill) started.",
+            ["model", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "nlpserve_compute_duration_seconds",
+            "Time of one batch (classifiers) or one decode step "
+            "(generators), tokenization and sampling included.",
+            ["model", "method"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "nlpserve_batch_size",
+            "Sequences per batch (classifiers) or per decode step (generators).",
+            ["model", "method"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "nlpserve_queue_depth", "Requests waiting in the model's queue.", ["model"], registry=r
+        )
+        self.active_sequences = Gauge(
+            "nlpserve_active_sequences",
+            "Generators: sequences in the running decode batch.",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "nlpserve_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "nlpserve_generated_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "nlpserve_time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "nlpserve_inter_token_latency_seconds",
+            "Time between two tokens of one sequence.",
+            ["model"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "nlpserve_model_info",
+            "Models served (value 1), with the execution provider actually in use.",
+            ["model", "version", "kind", "provider", "variant"],
+            registry=r,
+        )

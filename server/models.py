@@ -1,0 +1,205 @@
+"""The served models: loading (session, provider check, warm-up) and the facade every front calls.
+
+`ModelHub` is the core's entrance: it knows model names and kinds, routes a classification to the model's
+batcher and a generation to its scheduler, and raises the core's own exceptions. It imports no gRPC, so the
+Open Inference Protocol front can sit on it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .batching import DynamicBatcher
+from .classify import ClassifierModel
+from .config import Settings
+from .errors import InvalidInput, ModelNotFound, Unavailable
+from .generation.model import MAX_STOP_SEQUENCES, GeneratorModel
+from .generation.scheduler import GenerationScheduler
+from .metrics import CLASSIFY, Metrics
+from .repository import CLASSIFIER, GENERATOR, ModelConfig
+from .runtime import Session
+from .types import ClassifyRequest, ClassifyResult, GenerateRequest, GenerationChunk, ModelDescription
+
+log = logging.getLogger(__name__)
+
+CONTINUOUS = "continuous"
+
+
+@dataclass(eq=False)
+class ServedModel:
+    description: ModelDescription
+    classifier: ClassifierModel | None = None
+    batcher: DynamicBatcher | None = None
+    generator: GeneratorModel | None = None
+    scheduler: GenerationScheduler | None = None
+    ready: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.description.name
+
+
+def _batching(config: ModelConfig, settings: Settings, key: str, default: float) -> float:
+    """A batching setting: the server's flag or environment wins over config.json, which wins over the default."""
+    value = getattr(settings, key)
+    return value if value is not None else config.batching.get(key, default)
+
+
+def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> ServedModel:
+    """Creates the session (raising StartupError when the asked provider is not active) and the model's
+    batcher or scheduler, then warms it up. Blocking: call it off the event loop."""
+    variant, path = config.model_file(settings.variant.value)
+    session = Session(path, settings.device, settings.intra_op_threads, settings.graph_optimization)
+    queue_size = int(_batching(config, settings, "max_queue_size", 1024))
+    version = str(config.version)
+    if config.kind == CLASSIFIER:
+        max_batch = int(_batching(config, settings, "max_batch_size", 32))
+        delay = float(_batching(config, settings, "max_queue_delay_ms", 5.0))
+        model = ClassifierModel(config, session, settings.max_texts_per_request, max_batch)
+        description = ModelDescription(
+            name=config.name,
+            version=version,
+            kind=CLASSIFIER,
+            provider=session.provider,
+            variant=variant,
+            max_sequence_length=config.max_sequence_length,
+            policy=settings.batch_policy.value,
+            max_queue_size=queue_size,
+            labels=config.labels,
+            embedding_size=model.embedding_size,
+            max_texts_per_request=settings.max_texts_per_request,
+            max_batch_size=max_batch,
+            max_queue_delay_ms=delay,
+        )
+        batcher = DynamicBatcher(
+            model.run,
+            max_batch_size=max_batch,
+            max_queue_delay_ms=delay,
+            max_queue_size=queue_size,
+            policy=settings.batch_policy,
+            size=lambda r: len(r.texts),
+            name=config.name,
+            method=CLASSIFY,
+            metrics=metrics,
+        )
+        started = time.monotonic()
+        # Warm-up: the first runs of a session allocate memory and pick kernels; pay that before SERVING.
+        for texts in (("warm up",), ("warm up " * 1000, "a") * 2):
+            model.run([ClassifyRequest(config.name, texts)])
+        served = ServedModel(description, classifier=model, batcher=batcher)
+    else:
+        active = int(_batching(config, settings, "max_active_sequences", 16))
+        model = GeneratorModel(config, session)
+        description = ModelDescription(
+            name=config.name,
+            version=version,
+            kind=GENERATOR,
+            provider=session.provider,
+            variant=variant,
+            max_sequence_length=config.max_sequence_length,
+            policy=CONTINUOUS,
+            max_queue_size=queue_size,
+            max_active_sequences=active,
+            max_new_tokens=model.max_new_tokens,
+            default_max_new_tokens=model.default_max_new_tokens,
+            max_stop_sequences=MAX_STOP_SEQUENCES,
+        )
+        scheduler = GenerationScheduler(
+            model, max_active_sequences=active, max_queue_size=queue_size, metrics=metrics
+        )
+        started = time.monotonic()
+        ids = model.tokenizer.encode("warm up").ids or [0]
+        logits, cache = model.prefill([ids, ids[:1]])
+        for step in range(2):
+            logits, cache = model.decode(
+                [int(t) for t in logits.argmax(-1)], [len(ids) + step, 1 + step], cache
+            )
+        served = ServedModel(description, generator=model, scheduler=scheduler)
+    log.info(
+        "model %s v%s (%s, %s, %s) warmed up in %.2fs",
+        config.name,
+        version,
+        config.kind,
+        variant,
+        session.provider,
+        time.monotonic() - started,
+    )
+    metrics.model_info.labels(config.name, version, config.kind, session.provider, variant).set(1)
+    return served
+
+
+class ModelHub:
+    """The served models by name; what every front calls."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, ServedModel] = {}
+
+    def add(self, served: ServedModel) -> None:
+        self.models[served.name] = served
+
+    def start(self) -> None:
+        """Starts the batchers and schedulers on the running event loop; the models are ready after this."""
+        loop = asyncio.get_running_loop()
+        for served in self.models.values():
+            if served.batcher is not None:
+                served.batcher.start()
+            if served.scheduler is not None:
+                served.scheduler.start(loop)
+            served.ready = True
+
+    async def close(self) -> None:
+        """Stops every batcher and scheduler after their queued work (called once requests are drained)."""
+        for served in self.models.values():
+            served.ready = False
+            if served.batcher is not None:
+                await served.batcher.close()
+            if served.scheduler is not None:
+                await asyncio.to_thread(served.scheduler.close, 10.0)
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ModelNotFound(f"no model named {name!r}") from None
+
+    def pick(self, name: str, kind: str) -> ServedModel:
+        """The model `name`, or the only model of `kind` when `name` is empty."""
+        if not name:
+            of_kind = [m for m in self.models.values() if m.description.kind == kind]
+            if not of_kind:
+                raise ModelNotFound(f"this server hosts no {kind}")
+            if len(of_kind) > 1:
+                raise InvalidInput(
+                    "model",
+                    f"required: this server hosts several {kind}s ({', '.join(m.name for m in of_kind)})",
+                )
+            served = of_kind[0]
+        else:
+            served = self.get(name)
+            if served.description.kind != kind:
+                raise InvalidInput("model", f"{name!r} is a {served.description.kind}, not a {kind}")
+        if not served.ready:
+            raise Unavailable(f"model {served.name} is not ready")
+        return served
+
+    async def classify(
+        self, served: ServedModel, request: ClassifyRequest, deadline: float | None
+    ) -> ClassifyResult:
+        served.classifier.validate(request)
+        results = await served.batcher.submit(request, deadline)
+        d = served.description
+        return ClassifyResult(d.name, d.version, d.labels, results)
+
+    def generate_stream(
+        self, served: ServedModel, request: GenerateRequest, deadline: float | None
+    ) -> AsyncIterator[GenerationChunk]:
+        return served.scheduler.stream(request, deadline)
+
+    async def generate(
+        self, served: ServedModel, request: GenerateRequest, deadline: float | None
+    ) -> GenerationChunk:
+        return await served.scheduler.generate(request, deadline)

@@ -1,0 +1,69 @@
+"""The nlpserve.v1 InferenceService: thin handlers that turn protos into domain objects, call the core
+(`ModelHub`), and turn the results back into protos. Errors are mapped in `status.py`, not here."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from client.proto import inference_pb2 as pb
+from client.proto import inference_pb2_grpc as pb_grpc
+
+from ..metrics import Metrics
+from ..models import ModelHub
+from ..repository import CLASSIFIER, GENERATOR
+from ..types import ClassifyRequest, GenerateRequest
+from .status import Call, Gate, stream, unary
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, hub: ModelHub, metrics: Metrics, gate: Gate) -> None:
+        self.hub = hub
+        self.metrics = metrics
+        self.gate = gate
+
+    @unary("Classify")
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, call: Call
+    ) -> pb.ClassifyResponse:
+        served = self.hub.pick(request.model, CLASSIFIER)
+        call.model = served.name
+        result = await self.hub.classify(served, ClassifyRequest.from_pb(request), call.deadline)
+        return result.to_pb()
+
+    @unary("Generate")
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, call: Call
+    ) -> pb.GenerateResponse:
+        served = self.hub.pick(request.model, GENERATOR)
+        call.model = served.name
+        chunk = await self.hub.generate(served, GenerateRequest.from_pb(request), call.deadline)
+        return chunk.to_pb(served.name, served.description.version)
+
+    @stream("GenerateStream")
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, call: Call
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        served = self.hub.pick(request.model, GENERATOR)
+        call.model = served.name
+        version = served.description.version
+        chunks = self.hub.generate_stream(served, GenerateRequest.from_pb(request), call.deadline)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk.to_pb(served.name, version)
+
+    @unary("ListModels")
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext, call: Call
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[m.description.to_pb(m.ready) for m in self.hub.models.values()])
+
+    @unary("GetModel")
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext, call: Call
+    ) -> pb.ModelInfo:
+        served = self.hub.get(request.name)
+        call.model = served.name
+        return served.description.to_pb(served.ready)

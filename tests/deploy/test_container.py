@@ -38,15 +38,22 @@ def stages(dockerfile: str) -> dict[str, list[str]]:
 
 def test_hadolint_finds_nothing():
     hadolint = venv_tool("hadolint")
-    result = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], check=False, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(hadolint), "--no-color", str(DOCKERFILE)], check=False, capture_output=True, text=True
+    )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 def test_hadolint_is_not_blind():
     """The same hadolint reports a classic mistake, so the clean result above means something."""
     hadolint = venv_tool("hadolint")
-    result = subprocess.run([str(hadolint), "--no-color", "-"], input="FROM ubuntu\nRUN cd /tmp && ls\n",
-                            check=False, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(hadolint), "--no-color", "-"],
+        input="FROM ubuntu\nRUN cd /tmp && ls\n",
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "DL3006" in result.stdout
 
 
@@ -68,13 +75,16 @@ def test_runtime_image_is_cuda13_cudnn9_non_root_with_the_server_extra_only():
     assert installs == ["'.[server]'"], installs
     assert "torch" not in runtime and "export" not in runtime.replace("EXPOSE", "")
     assert "--index-url" in "\n".join(found["export"])  # torch from the CPU index
-    assert re.search(r'^HEALTHCHECK .*CMD \[.*python -m client .*health', runtime, re.MULTILINE)
+    assert re.search(r"^HEALTHCHECK .*CMD \[.*python -m client .*health", runtime, re.MULTILINE)
     assert re.search(r'^ENTRYPOINT \["python", "-m", "server"\]', runtime, re.MULTILINE)
 
 
 def test_dockerignore_lets_in_what_the_dockerfile_copies():
-    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
-                if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip()
+        for p in (ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
 
     def ignored(path: str) -> bool:
         # Docker's rule: the last matching pattern wins; `!` re-includes.
@@ -140,8 +150,12 @@ def test_gpu_stack(docker_compose):
     assert {p["target"] for p in services["nginx"]["ports"]} == {50051}
     # The files the stack mounts are the ones the tests check.
     mounts = {v["source"] for s in services.values() for v in s.get("volumes", []) if v["type"] == "bind"}
-    for path in ("deploy/nginx/nginx.conf", "deploy/prometheus/prometheus.yml",
-                 "deploy/grafana/provisioning", "deploy/grafana/dashboards"):
+    for path in (
+        "deploy/nginx/nginx.conf",
+        "deploy/prometheus/prometheus.yml",
+        "deploy/grafana/provisioning",
+        "deploy/grafana/dashboards",
+    ):
         assert str(ROOT / path) in mounts, path
 
 

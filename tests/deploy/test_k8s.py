@@ -33,13 +33,21 @@ def resources() -> dict[str, dict]:
 
 def validate(*paths: Path) -> subprocess.CompletedProcess:
     tool = venv_tool("kubernetes-validate")
-    return subprocess.run([str(tool), "--strict", "-k", KUBERNETES_VERSION, *map(str, paths)],
-                          check=False, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(tool), "--strict", "-k", KUBERNETES_VERSION, *map(str, paths)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_every_manifest_is_listed():
     listed = set(manifests())
-    assert listed == set(K8S.glob("*.yaml")) - {K8S / "kustomization.yaml", K8S / "prometheus-adapter-values.yaml"}
+    assert listed == set(K8S.glob("*.yaml")) - {
+        K8S / "kustomization.yaml",
+        K8S / "prometheus-adapter-values.yaml",
+    }
 
 
 def test_manifests_validate_against_the_kubernetes_schemas():
@@ -48,7 +56,9 @@ def test_manifests_validate_against_the_kubernetes_schemas():
     assert result.returncode == 0, output
     # kubernetes-validate only warns about a kind it has no schema for: every resource must really pass.
     for name, resource in resources().items():
-        assert f"passed for resource {resource['kind'].lower()}/{resource['metadata']['name']}" in output, name
+        assert f"passed for resource {resource['kind'].lower()}/{resource['metadata']['name']}" in output, (
+            name
+        )
     assert "WARN" not in output and "Couldn't find schema" not in output, output
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server.process import ServerProcess
 
 from client import Client
+from server.process import ServerProcess
 
 from .conftest import DEPLOY, Daemon, free_port, http_get, wait_until
 
@@ -41,8 +41,10 @@ def nginx_config(backends: list[str], grpc_port: int, health_port: int, workdir:
     replace(r"listen 8080;", f"listen 127.0.0.1:{health_port};")
     replace(r"^pid .*;$", f"pid {workdir}/nginx.pid;")
     # Debian's build keeps its temporary files under /var/lib/nginx, which the unpacked package lacks.
-    temp_paths = "".join(f"    {kind}_temp_path {workdir}/{kind};\n"
-                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp_paths = "".join(
+        f"    {kind}_temp_path {workdir}/{kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     replace(r"^http \{\n", "http {\n" + temp_paths)
     return text
 
@@ -58,17 +60,26 @@ def balanced(nginx_bin, quick_repo, tmp_path: Path, daemons) -> Iterator[tuple[s
         check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
         nginx: Daemon = daemons([*argv, "-g", "daemon off;"], tmp_path / "nginx.log")
-        wait_until(lambda: http_get(f"http://127.0.0.1:{health_port}/healthz") == "ok\n", "nginx up",
-                   process=nginx.process, logs=nginx.logs)
+        wait_until(
+            lambda: http_get(f"http://127.0.0.1:{health_port}/healthz") == "ok\n",
+            "nginx up",
+            process=nginx.process,
+            logs=nginx.logs,
+        )
         yield f"127.0.0.1:{grpc_port}", [a, b]
 
 
 def classify_ok(server: ServerProcess) -> float:
     """Successful Classify calls the replica itself counted."""
     text = http_get(server.metrics_url)
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "nlpserve_requests_total" and sample.labels["method"] == "Classify"
-               and sample.labels["code"] == "OK")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "nlpserve_requests_total"
+        and sample.labels["method"] == "Classify"
+        and sample.labels["code"] == "OK"
+    )
 
 
 def test_calls_spread_over_both_replicas_and_a_stream_passes_intact(balanced):
@@ -128,20 +139,28 @@ def test_a_draining_replica_costs_the_clients_no_failed_call(balanced):
                     with lock:
                         done["stream"] += 1
 
-    threads = [threading.Thread(target=classify_loop) for _ in range(3)] + [threading.Thread(target=stream_loop)]
+    threads = [threading.Thread(target=classify_loop) for _ in range(3)] + [
+        threading.Thread(target=stream_loop)
+    ]
     for thread in threads:
         thread.start()
     try:
         # Traffic on both replicas, then SIGTERM to one of them while calls are in flight.
-        wait_until(lambda: classify_ok(a) >= 5 and classify_ok(b) >= 5 and done["stream"] >= 2,
-                   "traffic on both replicas", timeout=120)
+        wait_until(
+            lambda: classify_ok(a) >= 5 and classify_ok(b) >= 5 and done["stream"] >= 2,
+            "traffic on both replicas",
+            timeout=120,
+        )
         a.send_signal(signal.SIGTERM)
         exit_code = a.wait(timeout=60)
         after_exit = dict(done)
         served_by_b = classify_ok(b)
         # The survivor takes every call from now on.
-        wait_until(lambda: done["classify"] >= after_exit["classify"] + 20 and done["stream"] > after_exit["stream"],
-                   "calls after the replica left", timeout=120)
+        wait_until(
+            lambda: done["classify"] >= after_exit["classify"] + 20 and done["stream"] > after_exit["stream"],
+            "calls after the replica left",
+            timeout=120,
+        )
     finally:
         stop.set()
         for thread in threads:

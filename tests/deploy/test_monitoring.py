@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from server.process import ServerProcess
 
 from client import Client, ServerError
+from server.process import ServerProcess
 
 from .conftest import DEPLOY, ROOT, free_port, http_get, wait_until
 
@@ -28,8 +28,12 @@ PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "nlpserve.yml"
 
 # What the test sends, by (method, gRPC status code): the request counter must show exactly this.
 CLASSIFY_OK, CLASSIFY_NOT_FOUND, GENERATE_OK, STREAM_OK = 5, 2, 2, 2
-EXPECTED = {("Classify", "OK"): CLASSIFY_OK, ("Classify", "NOT_FOUND"): CLASSIFY_NOT_FOUND,
-            ("Generate", "OK"): GENERATE_OK, ("GenerateStream", "OK"): STREAM_OK}
+EXPECTED = {
+    ("Classify", "OK"): CLASSIFY_OK,
+    ("Classify", "NOT_FOUND"): CLASSIFY_NOT_FOUND,
+    ("Generate", "OK"): GENERATE_OK,
+    ("GenerateStream", "OK"): STREAM_OK,
+}
 
 # Dashboard variables, as Grafana would substitute them: all models, and a rate window that covers the test.
 VARIABLES = {"model": ".*", "__rate_interval": "5m", "__interval": "15s"}
@@ -100,13 +104,24 @@ def test_dashboard_uses_the_provisioned_datasource_and_covers_every_metric():
             assert target["datasource"]["uid"] == datasource["uid"], panel["title"]
     exprs = " ".join(expr for _, expr in panel_queries())
     # The panels: every server metric appears in some panel.
-    for metric in ("nlpserve_requests_total", "nlpserve_request_duration_seconds_bucket",
-                   "nlpserve_queue_duration_seconds_bucket", "nlpserve_batch_size", "nlpserve_generated_tokens_total",
-                   "nlpserve_time_to_first_token_seconds_bucket", "nlpserve_inter_token_latency_seconds_bucket",
-                   "nlpserve_active_sequences", "nlpserve_queue_depth", "nlpserve_model_info"):
+    for metric in (
+        "nlpserve_requests_total",
+        "nlpserve_request_duration_seconds_bucket",
+        "nlpserve_queue_duration_seconds_bucket",
+        "nlpserve_batch_size",
+        "nlpserve_generated_tokens_total",
+        "nlpserve_time_to_first_token_seconds_bucket",
+        "nlpserve_inter_token_latency_seconds_bucket",
+        "nlpserve_active_sequences",
+        "nlpserve_queue_depth",
+        "nlpserve_model_info",
+    ):
         assert metric in exprs, f"no panel shows {metric}"
     for quantile in ("0.5", "0.95", "0.99"):
-        assert f"histogram_quantile({quantile}, sum by (le, model, method) (rate(nlpserve_request_duration" in exprs
+        assert (
+            f"histogram_quantile({quantile}, sum by (le, model, method) (rate(nlpserve_request_duration"
+            in exprs
+        )
     assert 'code!="OK"' in exprs and "provider" in exprs
 
 
@@ -115,8 +130,12 @@ def test_dashboard_uses_the_provisioned_datasource_and_covers_every_metric():
 
 
 def test_promtool_accepts_the_config(promtool):
-    result = subprocess.run([str(promtool), "check", "config", str(PROMETHEUS_CONFIG)], check=False,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(promtool), "check", "config", str(PROMETHEUS_CONFIG)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -125,7 +144,9 @@ def test_promtool_accepts_the_servers_metrics(promtool, quick_repo):
         send_known_traffic(server.target)  # every histogram and labelled series has samples
         text = http_get(server.metrics_url)
     assert "nlpserve_request_duration_seconds_bucket" in text
-    result = subprocess.run([str(promtool), "check", "metrics"], input=text, check=False, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(promtool), "check", "metrics"], input=text, check=False, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -170,31 +191,52 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_panel_has_data(
         port = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{server.metrics_port}", port)))
-        prometheus = daemons([str(prometheus_bin), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], tmp_path / "prometheus.log")
+        argv = [
+            str(prometheus_bin),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+        prometheus = daemons(argv, tmp_path / "prometheus.log")
         api = PrometheusAPI(port)
-        wait_until(lambda: http_get(f"{api.base}/-/ready"), "Prometheus ready", process=prometheus.process,
-                   logs=prometheus.logs)
+        wait_until(
+            lambda: http_get(f"{api.base}/-/ready"),
+            "Prometheus ready",
+            process=prometheus.process,
+            logs=prometheus.logs,
+        )
 
         def target_up() -> bool:
             targets = api.get("/api/v1/targets")["activeTargets"]
             return any(t["labels"]["job"] == "nlpserve" and t["health"] == "up" for t in targets)
 
         # A first scrape before the traffic, so that rates see the counters grow.
-        wait_until(target_up, "the server's target up in Prometheus", process=prometheus.process,
-                   logs=prometheus.logs)
+        wait_until(
+            target_up,
+            "the server's target up in Prometheus",
+            process=prometheus.process,
+            logs=prometheus.logs,
+        )
         assert api.query('up{job="nlpserve"} == 1')
-        send_known_traffic(server.target)
 
         def scraped_counts() -> dict[tuple[str, str], float]:
             result = api.query("sum by (method, code) (nlpserve_requests_total)")
             return {(r["metric"]["method"], r["metric"]["code"]): float(r["value"][1]) for r in result}
 
-        # Prometheus scrapes every second; wait for a scrape after the last request, then compare exactly.
-        wait_until(lambda: scraped_counts() == EXPECTED, f"Prometheus to show the requests sent {EXPECTED}",
-                   process=prometheus.process, logs=lambda: f"{scraped_counts()}\n{prometheus.logs()}")
-        assert scraped_counts() == EXPECTED
-        assert requests_by_method_and_code(http_get(server.metrics_url)) == EXPECTED
+        # Two rounds, each followed by a scrape: a labelled series appears at its first request, and a rate
+        # needs two samples of it. Prometheus scrapes every second; compare exactly once it has.
+        for round_ in (1, 2):
+            send_known_traffic(server.target)
+            expected = {key: count * round_ for key, count in EXPECTED.items()}
+            wait_until(
+                lambda expected=expected: scraped_counts() == expected,
+                f"Prometheus to show the requests sent {expected}",
+                process=prometheus.process,
+                logs=lambda: f"{scraped_counts()}\n{prometheus.logs()}",
+            )
+        assert scraped_counts() == expected
+        assert requests_by_method_and_code(http_get(server.metrics_url)) == expected
 
         empty = []
         queries = panel_queries()

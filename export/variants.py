@@ -1,0 +1,107 @@
+"""Optional variants of the fp32 graph, each verified against PyTorch with bounds suited to it:
+- `opt`: onnxruntime.transformers fusions (attention, layer norm, GELU...), fp32;
+- `fp16`: the fused graph in float16 (for GPUs; logits and embedding stay float32);
+- `int8`: dynamic int8 quantization of the unfused graph (for CPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from torch import nn
+
+from export.errors import ExportError, VerificationError
+from export.verify import check, classifier_parity, generator_parity
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = ("opt", "fp16", "int8")
+
+# Bounds on the max abs logits difference against PyTorch fp32. Fusions reorder float arithmetic a little;
+# fp16 rounds to 11 significant bits; int8 rounds weights to 256 levels per tensor, so its bound is loose and
+# the held-out accuracy change (reported next to it) is the figure that matters.
+CLASSIFIER_BOUNDS = {"opt": 1e-3, "fp16": 5e-2, "int8": 0.5}
+GENERATOR_BOUNDS = {"opt": 1e-3, "fp16": 0.1, "int8": 1.0}
+# The least fraction of greedy steps on which the variant picks PyTorch's token.
+GENERATOR_AGREEMENT = {"opt": 1.0, "fp16": 0.8, "int8": 0.6}
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str  # "classifier" | "generator"
+    model_type: str  # "bert" | "gpt2" (the transformers model_type)
+    num_heads: int
+    hidden_size: int
+
+
+def _optimize(spec: Spec, source: Path) -> Any:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # The ORT optimizer knows BERT-family encoders as "bert" and GPT-2 as "gpt2".
+    model_type = "gpt2" if spec.model_type == "gpt2" else "bert"
+    model = optimize_model(
+        str(source), model_type=model_type, num_heads=spec.num_heads, hidden_size=spec.hidden_size, opt_level=1,
+        use_gpu=False, only_onnxruntime=False,
+    )
+    logger.info("fusions: %s", model.get_fused_operator_statistics())
+    return model
+
+
+def produce(variant: str, spec: Spec, fp32: Path, out: Path) -> dict[str, Any]:
+    """Writes `out` from the fp32 graph; returns facts about it (fused operators)."""
+    try:
+        if variant == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            # The unfused graph: the quantizer knows MatMul and Gather, not the fused contrib operators.
+            quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+            return {}
+        model = _optimize(spec, fp32)
+        fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+        if variant == "fp16":
+            keep = [o.name for o in model.model.graph.output if o.name in ("logits", "embedding")]
+            model.convert_float_to_float16(keep_io_types=keep)
+        model.save_model_to_file(str(out))
+        return {"fused": fused}
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"producing the {variant} variant failed: {str(exc).splitlines()[0]}") from exc
+
+
+def _providers(variant: str) -> list[str] | None:
+    """fp16 is for GPUs: verified on CUDA when there is one, on the CPU provider otherwise."""
+    if variant == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return None
+
+
+def verify_classifier(
+    variant: str, model: nn.Module, path: Path, batch: dict[str, np.ndarray], outputs: list[str]
+) -> dict[str, Any]:
+    providers = _providers(variant)
+    diffs = classifier_parity(model, path, batch, outputs, providers)
+    check(diffs, CLASSIFIER_BOUNDS[variant], f"classifier {variant}")
+    return {"max_abs_diff": max(diffs.values()), "bound": CLASSIFIER_BOUNDS[variant], "providers": providers}
+
+
+def verify_generator(
+    variant: str, model: nn.Module, path: Path, prompts: list[list[int]], new_tokens: int, pad_id: int
+) -> dict[str, Any]:
+    providers = _providers(variant)
+    result = generator_parity(model, path, prompts, new_tokens=new_tokens, pad_id=pad_id, providers=providers)
+    bound, agreement = GENERATOR_BOUNDS[variant], GENERATOR_AGREEMENT[variant]
+    if result["max_abs_diff"] > bound or result["token_agreement"] < agreement:
+        raise VerificationError(
+            f"generator {variant}: logits differ by {result['max_abs_diff']:.3g} (bound {bound:g}), greedy tokens "
+            f"agree on {result['token_agreement']:.0%} of steps (at least {agreement:.0%} wanted)"
+        )
+    return {
+        "max_abs_diff": result["max_abs_diff"], "bound": bound, "token_agreement": result["token_agreement"],
+        "providers": providers,
+    }

@@ -1,0 +1,174 @@
+"""`python -m bench {classify,generate,baseline,all} [--quick]`: runs the benchmarks, writes
+`bench/results/<date>-<machine>.json` (every raw figure), a Markdown table and PNG plots, and prints the
+ratios last."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("bench")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+NOISE_NOTE = (
+    "The machine is shared (other jobs ran test suites during this run), so absolute figures are noisy; every "
+    "comparison therefore runs both sides in the same run, in alternating rounds, and reports the median "
+    "per-round ratio. The 1-minute load average is recorded with every point."
+)
+CLIENT_NOTE = (
+    "The load generator (Python, asyncio gRPC) runs on the same CPUs as the server and takes part of them; the "
+    "in-process baselines pay no such cost."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quick", action="store_true",
+                        help="the quick plan on the tiny demo models (under 5 minutes on 2 cores)")
+    common.add_argument("--models", type=Path,
+                        help="the demo model repository (default: models/ when built, else built into .cache/)")
+    common.add_argument("--sizes", choices=["demo", "sized", "both"],
+                        help="full plan: the demo models, the BERT-base/GPT-2-small-sized ones, or both (default)")
+    common.add_argument("--data", type=Path, help="shared data folder (default: ../shared/data when present)")
+    common.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    common.add_argument("--name", help="file stem of the results (default <date>-<machine>[-<command>])")
+    common.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime intra-op threads, server and in-process alike (default: usable CPUs)")
+    common.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    common.add_argument("--variant", choices=["fp32", "fp16", "int8", "opt"], default="fp32")
+    common.add_argument("--rounds", type=int, help="alternating rounds per comparison (default: the plan's)")
+    common.add_argument("--no-profile", action="store_true", help="all: skip the py-spy profiles")
+    common.add_argument("--no-torch", action="store_true", help="skip the PyTorch no-KV-cache baseline")
+    common.add_argument("--rebuild-models", action="store_true", help="rebuild the cached benchmark models")
+    common.add_argument("--log-level", default="INFO")
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("classify", "classification: in-process limit, concurrency sweep, batching comparisons, open loop"),
+        ("generate", "generation: continuous batching against one active sequence and the in-process decode loop"),
+        ("baseline", "the in-process baselines only (no server)"),
+        ("all", "everything, then the py-spy profiles"),
+    ):
+        commands.add_parser(name, parents=[common], help=text, description=text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        results = run(args)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        logger.debug("failed", exc_info=True)
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    print_ratios(results)
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    # Heavy imports after logging is set up (and after --help, which needs none of them).
+    from bench import machine, models, report, suite
+    from bench.data import load_texts
+
+    started = time.perf_counter()
+    info = machine.machine_info()
+    plan = suite.QUICK if args.quick else suite.FULL
+    if args.rounds:
+        plan = dataclasses.replace(plan, rounds=args.rounds)
+    texts = load_texts(args.data)
+    threads = args.threads or info["cpus_usable"]
+    ctx = suite.Context(plan=plan, texts=texts, threads=threads, device=args.device, variant=args.variant)
+
+    # (repository, classifier, generator) per model size
+    sets: list[tuple[Path, str, str]] = []
+    if args.quick:
+        sets.append((models.quick_repository(args.rebuild_models), "sentiment", "docgpt"))
+    else:
+        sizes = args.sizes or "both"
+        if sizes in ("demo", "both"):
+            sets.append((models.demo_repository(args.models, args.rebuild_models), "sentiment", "docgpt"))
+        if sizes in ("sized", "both"):
+            sets.append((models.sized_repository(args.rebuild_models), models.BERT_BASE, models.GPT2_SMALL))
+
+    notes = [NOISE_NOTE]
+    if args.command != "baseline":
+        notes.append(CLIENT_NOTE)
+    if not info["gpus"]:
+        notes.append(
+            "No GPU was at hand for this run: the GPU benchmarks (CUDA provider, fp32 and fp16; BERT-base at "
+            "sequence length 128, batch 1/8/32; GPT-2-small at 1/16/64 streams) were not run."
+        )
+    results: dict[str, Any] = {
+        "schema": 1,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m bench " + " ".join(args.argv),
+        "machine": info,
+        "machine_slug": machine.machine_slug(info),
+        "plan": suite.plan_dict(plan),
+        "settings": {"device": args.device, "variant": args.variant, "intra_op_threads": threads},
+        "texts": texts.source,
+        "notes": notes,
+    }
+    try:
+        if args.command == "baseline":
+            results["baselines"] = {}
+            for repo, clf, gen in sets:
+                results["baselines"] |= suite.bench_baselines(ctx, repo, clf, None if args.no_torch else gen)
+        if args.command in ("classify", "all"):
+            results["classification"] = {clf: suite.bench_classifier(ctx, repo, clf) for repo, clf, _ in sets}
+        if args.command in ("generate", "all"):
+            results["generation"] = {gen: suite.bench_generator(ctx, repo, gen, with_torch=not args.no_torch)
+                                     for repo, _, gen in sets}
+        if args.command == "all" and not args.no_profile:
+            repo, clf, gen = sets[0]
+            try:
+                results["profiles"] = suite.profile_server(ctx, repo, clf, gen)
+            except (OSError, RuntimeError) as e:  # py-spy may be refused (ptrace) on some machines
+                logger.warning("profiling failed: %s", e)
+                results["profiles"] = {"classify": {"error": str(e)}}
+    finally:
+        ctx.runner.close()
+    results["comparisons"] = ctx.comparisons
+    results["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    stem = args.name or "-".join(
+        [results["created"][:10], results["machine_slug"]]
+        + ([] if args.command == "all" else [args.command])
+        + (["quick"] if args.quick else [])
+    )
+    paths = report.write_results(results, args.out, stem)
+    results["paths"] = {k: str(v) for k, v in paths.items()}
+    return results
+
+
+def print_ratios(results: dict[str, Any]) -> None:
+    """The summary on stdout: where the files went, then the ratios (last, so that they are what one sees)."""
+    print(f"results: {results['paths']['json']} (+ .md, {len(results['paths']) - 2} plots); "
+          f"{results['elapsed_s']:.0f} s")
+    for comparison in results.get("comparisons", []):
+        target = ""
+        if comparison["target"] is not None:
+            sign = ">=" if comparison["higher_is_better"] else "<="
+            verdict = "met" if comparison["met"] else "NOT met"
+            target = f"  (target {sign} {comparison['target']:g}: {verdict})"
+        ratio = comparison["ratio"]
+        shown = f"{ratio:6.2f}" if ratio is not None else "     -"
+        print(f"{shown}  {comparison['title']} [{comparison['model']}, {comparison['metric']}]{target}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

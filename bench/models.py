@@ -1,0 +1,97 @@
+"""The model repositories the benchmarks serve, built with the project's own exporter (`python -m export`) into
+a git-ignored cache, `.cache/bench-models/`, once; a later run reuses them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.machine import ROOT
+
+logger = logging.getLogger(__name__)
+
+CACHE = ROOT / ".cache" / "bench-models"
+
+# The two sizes users serve, random weights (speed does not depend on them), real exports.
+BERT_BASE = "bert-base"
+GPT2_SMALL = "gpt2-small"
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _export(args: list[str], out: Path, timeout: float = 3600) -> None:
+    """Runs `python -m export ARGS --out TMP` and renames TMP to `out` once it succeeded, so that a failed or
+    interrupted build leaves no half-built folder behind."""
+    # the exporter names a model after its folder: build into a folder of the same name, elsewhere
+    staging = out.parent / f".building-{out.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    tmp = staging / out.name
+    command = [sys.executable, "-m", "export", *args, "--out", str(tmp)]
+    logger.info("building: %s", " ".join(command[1:]))
+    t0 = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if result.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise BuildError(f"python -m export {' '.join(args)} failed: {' | '.join(tail)}")
+    logger.info("built %s in %.0f s", out, time.perf_counter() - t0)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    staging.rmdir()
+
+
+def has_model(repository: Path, name: str) -> bool:
+    return any((repository / name).glob("*/config.json"))
+
+
+def quick_repository(rebuild: bool = False) -> Path:
+    """The quick demo models (`sentiment`, `docgpt`), built in seconds."""
+    repo = CACHE / "quick"
+    if rebuild or not (has_model(repo, "sentiment") and has_model(repo, "docgpt")):
+        shutil.rmtree(repo, ignore_errors=True)
+        _export(["demo", "--quick"], repo)
+    return repo
+
+
+def demo_repository(models: Path | None = None, rebuild: bool = False) -> Path:
+    """The demo models: `--models DIR` when given, else `models/` when `make models` built it, else built here."""
+    if models is not None:
+        return models
+    if (ROOT / "models" / ".built").exists():
+        return ROOT / "models"
+    repo = CACHE / "demo"
+    if rebuild or not (has_model(repo, "sentiment") and has_model(repo, "docgpt")):
+        shutil.rmtree(repo, ignore_errors=True)
+        _export(["demo"], repo)
+    return repo
+
+
+def sized_repository(rebuild: bool = False) -> Path:
+    """A BERT-base-sized classifier (12 layers, hidden 768) and a GPT-2-small-sized generator (12 layers, hidden
+    768, GPT-2's 50,257-token vocabulary and 1,024 positions: 124M parameters), random weights (speed does not
+    depend on them), exported by the project's exporter."""
+    repo = CACHE / "sized"
+    if rebuild or not has_model(repo, BERT_BASE):
+        _export(CLASSIFIER_ARGS, repo / BERT_BASE)
+    if rebuild or not has_model(repo, GPT2_SMALL):
+        _export(GENERATOR_ARGS, repo / GPT2_SMALL)
+    return repo
+
+
+CLASSIFIER_ARGS = [
+    "classifier", "--scratch", "--layers", "12", "--heads", "12", "--hidden", "768", "--steps", "0",
+    "--data", "builtin:sentiment",
+]
+GENERATOR_ARGS = [
+    "generator", "--layers", "12", "--heads", "12", "--width", "768", "--context", "1024", "--vocab-size", "50257",
+    "--steps", "0", "--corpus", "builtin:docstrings",
+]

@@ -1,0 +1,295 @@
+"""The results writer: every raw figure as JSON, a Markdown table, and PNG plots, side by side in one folder:
+`<stem>.json`, `<stem>.md`, `<stem>-*.png` (the stem is `<date>-<machine>`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def write_results(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:
+    """Writes the JSON, the Markdown and the plots; returns their paths by kind ("json", "md", plot names)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    plots = write_plots(results, out_dir, stem)
+    results = {**results, "plots": {k: p.name for k, p in plots.items()}}
+    paths["json"] = _write_atomic(out_dir / f"{stem}.json", json.dumps(results, indent=1, sort_keys=False) + "\n")
+    paths["md"] = _write_atomic(out_dir / f"{stem}.md", markdown(results))
+    paths |= plots
+    return paths
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    """No half-written result file, even when the run is interrupted while writing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ Markdown
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(v) if not isinstance(v, str) else v for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    libs = machine.get("libraries", {})
+    gpu = ", ".join(g["name"] for g in machine.get("gpus", [])) or "no GPU"
+    versions = ", ".join(f"{k} {libs[k]}" for k in ("onnxruntime-gpu", "onnxruntime", "torch", "transformers",
+                                                     "grpcio", "tokenizers") if k in libs)
+    return (f"{machine.get('cpu_model')}, {machine.get('cpus_usable')} CPUs, {machine.get('memory_gib')} GiB, {gpu}; "
+            f"Python {machine.get('python')}, {versions}")
+
+
+def comparison_rows(results: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for c in results.get("comparisons", []):
+        target = "-"
+        if c.get("target") is not None:
+            target = ("≥ " if c["higher_is_better"] else "≤ ") + f"{c['target']:g}"
+        met = {True: "yes", False: "**no**", None: "-"}[c.get("met")]
+        rows.append([c["title"], c["model"], c["metric"], c["a_median"], c["b_median"],
+                     f"**{c['ratio']:.2f}**" if c.get("ratio") is not None else "-",
+                     ", ".join(f"{r:.2f}" for r in c.get("rounds", [])), target, met])
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results.get("machine", {})
+    lines = [f"# nlpserve benchmarks: {results.get('created', '')[:10]}, {results.get('machine_slug', '')}", ""]
+    lines += [f"- Machine: {machine_line(machine)}.",
+              (f"- Commit {machine.get('git_commit')}; plan `{results.get('plan', {}).get('name')}` "
+              f"({results.get('plan', {}).get('rounds')} rounds); `{results.get('command', '')}`."),
+              f"- Server settings: {results.get('settings', {})}.",
+              f"- Texts: {results.get('texts', '')}.",
+              (f"- Load average (1 min) at start {_f(machine.get('load_average_at_start', [None])[0], 2)}, "
+              f"at end {_f(results.get('load_average_at_end'), 2)}.")]
+    lines += [f"- {note}" for note in results.get("notes", [])]
+    lines.append("")
+    if results.get("comparisons"):
+        lines += ["## Comparisons", "",
+                  ("Each ratio is a/b, the median of the per-round ratios; both sides ran in the same run, in "
+                  "alternating order. For latency (p50 ms) lower is better."), ""]
+        lines += _table(["comparison", "model", "metric", "a", "b", "ratio", "per round", "target", "met"],
+                        comparison_rows(results))
+    for name, c in results.get("classification", {}).items():
+        lines += _classification_md(name, c)
+    for name, g in results.get("generation", {}).items():
+        lines += _generation_md(name, g)
+    for name, b in results.get("baselines", {}).items():
+        lines += _baselines_md(name, b)
+    if results.get("profiles"):
+        lines += _profiles_md(results["profiles"])
+    for kind, file in results.get("plots", {}).items():
+        lines += [f"![{kind}]({file})", ""]
+    return "\n".join(lines)
+
+
+def _model_line(model: dict[str, Any]) -> str:
+    return (f"{model.get('model_type')}, {model.get('num_layers')} layers, hidden {model.get('hidden_size')}, "
+            f"{model.get('fp32_megabytes')} MB fp32")
+
+
+def _classification_md(name: str, c: dict[str, Any]) -> list[str]:
+    lines = [f"## Classification: {name} ({_model_line(c['model'])})", "", "In-process ONNX Runtime loop:", ""]
+    lines += _table(["batch size", "sequences/s", "batch p50 ms"],
+                    [[p["batch_size"], p["sequences_per_s"], p["batch_latency_ms"]["p50"]]
+                     for p in c.get("inprocess_batches", [])])
+    lines += ["Server (adaptive batching), closed loop:", ""]
+    lines += _table(["concurrency", "sequences/s", "p50 ms", "p90 ms", "p99 ms", "mean batch", "codes"],
+                    [[p["concurrency"], p["sequences_per_s"], p["latency_ms"]["p50"], p["latency_ms"]["p90"],
+                      p["latency_ms"]["p99"], p["mean_batch_size"], _codes(p["codes"])]
+                     for p in c.get("server_sweep", [])])
+    if c.get("configs_summary"):
+        lines += ["Batching configurations (medians of the rounds):", ""]
+        rows = []
+        for label, points in c["configs_summary"].items():
+            for conc, p in points.items():
+                rows.append([label, conc, p["sequences_per_s"], p["latency_ms"]["p50"], p["latency_ms"]["p99"],
+                             p["mean_batch_size"]])
+        lines += _table(["config", "concurrency", "sequences/s", "p50 ms", "p99 ms", "mean batch"], rows)
+    if c.get("open_loop"):
+        lines += ["Open loop (constant rate; latency counted from when each request was due):", ""]
+        lines += _table(["offered/s", "achieved/s", "p50 ms", "p90 ms", "p99 ms", "mean batch", "dropped", "codes"],
+                        [[p["rate"], p["sequences_per_s"], p["latency_ms"]["p50"], p["latency_ms"]["p90"],
+                          p["latency_ms"]["p99"], p["mean_batch_size"], p["dropped"], _codes(p["codes"])]
+                         for p in c["open_loop"]])
+    return lines
+
+
+def _generation_md(name: str, g: dict[str, Any]) -> list[str]:
+    lines = [f"## Generation: {name} ({_model_line(g['model'])}), {g.get('max_new_tokens')} new tokens, greedy", "",
+             "Medians of the rounds. TTFT: time to first token; ITL: inter-token latency.", ""]
+    rows = []
+    for label, points in g.get("summary", {}).items():
+        for streams, p in points.items():
+            if label == "inprocess":
+                rows.append([streams, "in-process decode loop", p["tokens_per_s"], p["ttft_ms"]["p50"],
+                             p["ttft_ms"]["p99"], "-", "-", p["per_stream_tokens_per_s"], streams])
+            else:
+                rows.append([streams, {"continuous": "server, continuous batching",
+                                       "single": "server, max_active_sequences=1"}[label],
+                             p["tokens_per_s"], p["ttft_ms"]["p50"], p["ttft_ms"]["p99"], p["itl_ms"]["p50"],
+                             p["itl_ms"]["p99"], p["per_stream_tokens_per_s"], p["mean_batch_size"]])
+    rows.sort(key=lambda row: int(row[0]))
+    lines += _table(["streams", "side", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
+                     "per-stream tokens/s", "mean batch"], rows)
+    if g.get("torch_no_cache"):
+        t = g["torch_no_cache"]
+        lines += [(f"PyTorch without KV cache, one request at a time: {_f(t['tokens_per_s'])} tokens/s, "
+                  f"TTFT p50 {_f(t['ttft_ms']['p50'])} ms."), ""]
+    return lines
+
+
+def _baselines_md(name: str, b: dict[str, Any]) -> list[str]:
+    lines = [f"## In-process baselines: {name} ({_model_line(b['model'])})", ""]
+    if "inprocess_batches" in b:
+        lines += _table(["batch size", "sequences/s", "batch p50 ms"],
+                        [[p["batch_size"], p["sequences_per_s"], p["batch_latency_ms"]["p50"]]
+                         for p in b["inprocess_batches"]])
+    if "inprocess_decode" in b:
+        lines += _table(["batch size", "tokens/s", "per-stream tokens/s", "TTFT p50 ms"],
+                        [[p["batch_size"], p["tokens_per_s"], p["per_stream_tokens_per_s"], p["ttft_ms"]["p50"]]
+                         for p in b["inprocess_decode"]])
+    if "torch_no_cache" in b:
+        t = b["torch_no_cache"]
+        lines += [f"PyTorch without KV cache: {_f(t['tokens_per_s'])} tokens/s, TTFT p50 {_f(t['ttft_ms']['p50'])} ms.",
+                  ""]
+    return lines
+
+
+def _profiles_md(profiles: dict[str, Any]) -> list[str]:
+    lines = ["## Where the server spends its time (py-spy, under load)", ""]
+    for kind, p in profiles.items():
+        if "error" in p:
+            lines += [f"{kind}: not profiled ({p['error']}).", ""]
+            continue
+        lines += [(f"**{kind}** on {p['model']}: {p['samples']} busy samples, {_f(p['onnxruntime_percent'])}% inside "
+                  f"ONNX Runtime, {_f(p['outside_onnxruntime_percent'])}% outside. Top costs outside ONNX Runtime "
+                  "(self time, % of busy samples):"), ""]
+        lines += _table(["function (where)", "%"], [[e["name"], e["percent"]] for e in p["top_self"][:10]])
+        lines += _table(["package", "%"], [[e["name"], e["percent"]] for e in p["by_package"][:8]])
+    return lines
+
+
+def _codes(codes: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(codes.items())) or "-"
+
+
+# --------------------------------------------------------------------------------------------------- plots
+
+
+def write_plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:
+    """Throughput against concurrency, latency percentiles, tokens/s against streams, TTFT/ITL against streams."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server, and none needed
+    import matplotlib.pyplot as plt
+
+    paths: dict[str, Path] = {}
+    subtitle = f"{results.get('machine_slug', '')}, {results.get('created', '')[:10]}"
+    classification = {k: v for k, v in results.get("classification", {}).items() if v.get("server_sweep")}
+    generation = {k: v for k, v in results.get("generation", {}).items() if v.get("summary")}
+
+    def save(fig: Any, kind: str) -> None:
+        path = out_dir / f"{stem}-{kind}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths[kind] = path
+
+    if classification:
+        fig, axes = plt.subplots(1, len(classification), figsize=(5.5 * len(classification), 4), squeeze=False)
+        for ax, (name, c) in zip(axes[0], classification.items()):
+            sweep = c["server_sweep"]
+            ax.plot([p["concurrency"] for p in sweep], [p["sequences_per_s"] for p in sweep], "o-",
+                    label="server, adaptive batching")
+            for label, marker in (("batch1", "s"), ("fixed", "^")):
+                points = c.get("configs_summary", {}).get(label)
+                if points:
+                    ax.plot([int(k) for k in points], [p["sequences_per_s"] for p in points.values()], marker,
+                            label={"batch1": "server, max_batch_size=1", "fixed": "server, fixed delay"}[label])
+            limit = [r["inprocess"]["sequences_per_s"] for r in c.get("rounds", [])]
+            if limit:
+                ax.axhline(sorted(limit)[len(limit) // 2], color="grey", ls="--",
+                           label=f"in-process ORT, batch {c['inprocess_best_batch_size']}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel("sequences/s")
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"classification: {name}")
+            ax.legend(fontsize=8)
+        fig.suptitle(subtitle, fontsize=9)
+        save(fig, "classify-throughput")
+
+        fig, axes = plt.subplots(1, len(classification), figsize=(5.5 * len(classification), 4), squeeze=False)
+        for ax, (name, c) in zip(axes[0], classification.items()):
+            sweep = c["server_sweep"]
+            for q in ("p50", "p90", "p99"):
+                ax.plot([p["concurrency"] for p in sweep], [p["latency_ms"][q] for p in sweep], "o-", label=q)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel("latency, ms")
+            ax.set_title(f"classification latency: {name}")
+            ax.legend(fontsize=8)
+        fig.suptitle(subtitle, fontsize=9)
+        save(fig, "classify-latency")
+
+    if generation:
+        fig, axes = plt.subplots(1, len(generation), figsize=(5.5 * len(generation), 4), squeeze=False)
+        for ax, (name, g) in zip(axes[0], generation.items()):
+            for label, text in (("continuous", "server, continuous batching"),
+                                ("single", "server, max_active_sequences=1"),
+                                ("inprocess", "in-process ORT decode loop (batch = streams)")):
+                points = g["summary"].get(label, {})
+                ax.plot([int(k) for k in points], [p["tokens_per_s"] for p in points.values()], "o-", label=text)
+            if g.get("torch_no_cache"):
+                ax.axhline(g["torch_no_cache"]["tokens_per_s"], color="grey", ls="--",
+                           label="PyTorch, no KV cache, one at a time")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent streams")
+            ax.set_ylabel("generated tokens/s (all streams)")
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"generation: {name}")
+            ax.legend(fontsize=8)
+        fig.suptitle(subtitle, fontsize=9)
+        save(fig, "generate-tokens")
+
+        fig, axes = plt.subplots(1, len(generation), figsize=(5.5 * len(generation), 4), squeeze=False)
+        for ax, (name, g) in zip(axes[0], generation.items()):
+            points = g["summary"].get("continuous", {})
+            xs = [int(k) for k in points]
+            for field, q in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99")):
+                ax.plot(xs, [p[field][q] for p in points.values()], "o-",
+                        label=f"{'TTFT' if field == 'ttft_ms' else 'ITL'} {q}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("concurrent streams")
+            ax.set_ylabel("ms")
+            ax.set_title(f"generation latency (continuous batching): {name}")
+            ax.legend(fontsize=8)
+        fig.suptitle(subtitle, fontsize=9)
+        save(fig, "generate-latency")
+    return paths

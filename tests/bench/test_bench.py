@@ -1,0 +1,155 @@
+"""The benchmark machinery, for real but small: in-process measurements on the quick models, the results writer,
+the /metrics arithmetic against a real Prometheus endpoint, the py-spy summary, and the load generator against
+a real server. No timed assertions: only that the figures exist, are consistent and are written."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from bench import inprocess, load, profiling, report, suite
+from bench.data import BUILTIN_PROMPTS, BUILTIN_SENTENCES, Texts, load_texts
+from bench.machine import machine_info, machine_slug
+from bench.stats import latency_summary, ratio_of_rounds
+
+TEXTS = Texts(sentences=list(BUILTIN_SENTENCES), prompts=list(BUILTIN_PROMPTS), source="built-in")
+
+
+def test_texts_fall_back_to_the_built_in_set_and_refuse_a_missing_folder(tmp_path: Path) -> None:
+    texts = load_texts(tmp_path, count=10)  # an empty folder: no SST-2, no tiny-shakespeare
+    assert texts.sentences and texts.prompts
+    assert set(texts.sentences) <= set(BUILTIN_SENTENCES)
+    assert "built-in" in texts.source
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_texts(tmp_path / "missing")
+
+
+def test_ratio_of_rounds_is_the_median_of_per_round_ratios() -> None:
+    figures = ratio_of_rounds([10.0, 30.0, 20.0], [10.0, 10.0, 10.0])
+    assert figures["rounds"] == [1.0, 3.0, 2.0]
+    assert figures["ratio"] == 2.0
+    assert figures["pooled"] == 2.0
+    summary = latency_summary([0.001, 0.002, 0.003])
+    assert summary["count"] == 3 and summary["p50"] == pytest.approx(2.0)
+
+
+def test_in_process_measurements_and_the_results_writer(quick_repo: Path, tmp_path: Path) -> None:
+    classifier = inprocess.ModelFiles.find(quick_repo, "sentiment")
+    loop = inprocess.Classifier(classifier, threads=1)
+    probabilities = loop(TEXTS.sentences[:3])
+    assert probabilities.shape == (3, len(classifier.config["labels"]))
+    assert probabilities.sum(axis=1) == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+
+    ctx = suite.Context(plan=suite.QUICK, texts=TEXTS, threads=1, work=tmp_path / "work")
+    rounds = [
+        suite.alternating(r, [
+            ("batch1", lambda: inprocess.measure_classifier(loop, TEXTS.sentences, 1, 0.05)),
+            ("batch4", lambda: inprocess.measure_classifier(loop, TEXTS.sentences, 4, 0.05)),
+        ])
+        for r in range(2)
+    ]
+    entry = suite.compare(
+        ctx, id="test/batch4-vs-batch1", group="test", model="sentiment", title="batch 4 / batch 1",
+        metric="sequences/s", a="batch 4", b="batch 1",
+        a_values=[r["batch4"]["sequences_per_s"] for r in rounds],
+        b_values=[r["batch1"]["sequences_per_s"] for r in rounds], target=0.0,
+    )
+    per_round = [r["batch4"]["sequences_per_s"] / r["batch1"]["sequences_per_s"] for r in rounds]
+    assert entry["ratio"] == pytest.approx(statistics.median(per_round), rel=1e-3)
+    assert entry["met"] is True
+
+    decoder = inprocess.Decoder(inprocess.ModelFiles.find(quick_repo, "docgpt"), threads=1)
+    decode = inprocess.measure_decoder(decoder, TEXTS.prompts, batch_size=2, max_new_tokens=3, duration_s=0.0)
+    assert decode["runs"] >= 1 and decode["tokens_per_s"] > 0
+    assert decode["ttft_ms"]["count"] == decode["runs"]
+
+    info = machine_info()
+    results = {
+        "created": "2026-01-01T00:00:00+00:00",
+        "machine": info,
+        "machine_slug": machine_slug(info),
+        "plan": suite.plan_dict(suite.QUICK),
+        "notes": ["test"],
+        "baselines": {"sentiment": {"model": classifier.summary(),
+                                    "inprocess_batches": [r["batch1"] for r in rounds]}},
+        "comparisons": ctx.comparisons,
+        "generation": {"docgpt": {
+            "model": decoder.model.summary(), "max_new_tokens": 3,
+            "summary": {"inprocess": {"2": decode}},
+        }},
+    }
+    paths = report.write_results(results, tmp_path / "out", "test-run")
+    written = json.loads(paths["json"].read_text())
+    assert written["comparisons"][0]["ratio"] == entry["ratio"]
+    assert written["baselines"]["sentiment"]["inprocess_batches"][0]["sequences_per_s"] > 0
+    text = paths["md"].read_text()
+    assert "batch 4 / batch 1" in text and "sentiment" in text and "docgpt" in text
+    for kind in ("generate-tokens", "generate-latency"):
+        assert paths[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary file left behind
+
+
+def test_histogram_mean_from_a_real_metrics_endpoint() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, start_http_server
+
+    registry = CollectorRegistry()
+    sizes = Histogram("nlpserve_batch_size", "sequences per batch", ["model", "method"], registry=registry)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        sizes.labels("sentiment", "Classify").observe(2)
+        before = load.scrape(url)
+        for size in (4, 8):
+            sizes.labels("sentiment", "Classify").observe(size)
+        sizes.labels("other", "Classify").observe(100)
+        after = load.scrape(url)
+    finally:
+        server.shutdown()
+        thread.join()
+    assert load.histogram_mean(before, after, "nlpserve_batch_size", model="sentiment", method="Classify") == 6.0
+    assert load.histogram_mean(after, after, "nlpserve_batch_size", model="sentiment") is None
+
+
+def test_profile_summary_separates_onnxruntime_from_the_rest() -> None:
+    ort = "run (onnxruntime/capi/onnxruntime_inference_collection.py:250)"
+    raw = "\n".join([
+        f"main (server/app.py:10);step (server/batching.py:40);{ort} 60",
+        "main (server/app.py:10);step (server/batching.py:40);pad (server/classify.py:70) 30",
+        "main (server/app.py:10);_poll (/usr/lib/python3.11/asyncio/base_events.py:1) 10",
+    ])
+    summary = profiling.summarize(raw)
+    assert summary["samples"] == 100
+    assert summary["onnxruntime_percent"] == 60.0
+    assert summary["top_self"][0] == {"name": "pad (server/classify.py)", "percent": 30.0}
+    assert {"name": "asyncio", "percent": 10.0} in summary["by_package"]
+    assert {"name": "main (server/app.py)", "percent": 40.0} in summary["top_total"]
+
+
+def test_load_generator_against_a_real_server(quick_repo: Path, tmp_path: Path) -> None:
+    from server.process import ServerProcess
+
+    window = load.Window(warmup_s=0.2, duration_s=0.5, min_requests=2, max_duration_s=5.0)
+    ctx = suite.Context(plan=suite.QUICK, texts=TEXTS, threads=1, work=tmp_path)
+    repo = suite.single_model_repository(quick_repo, "sentiment", tmp_path)
+    (repo / "docgpt").symlink_to((quick_repo / "docgpt").resolve(), target_is_directory=True)
+    try:
+        with ServerProcess(repo, args=ctx.server_args()) as srv:
+            requests = load.classify_requests("sentiment", TEXTS.sentences)
+            point = ctx.run(load.classify_closed_loop(srv.target, requests, 2, window, srv.metrics_url))
+            assert point["requests"] >= 2 and point["codes"] == {"OK": point["requests"]}
+            assert point["latency_ms"]["count"] == point["requests"]
+            assert point["mean_batch_size"] is not None and 1 <= point["mean_batch_size"] <= 2
+
+            opened = ctx.run(load.classify_open_loop(srv.target, requests, 20.0, window, srv.metrics_url))
+            assert opened["codes"].get("OK", 0) >= 1 and opened["dropped"] == 0
+
+            prompts = [load.generate_request("docgpt", p, 4) for p in TEXTS.prompts]
+            gen = ctx.run(load.generate_closed_loop(srv.target, prompts, 2, window, srv.metrics_url))
+            assert gen["requests"] >= 2 and gen["codes"].get("OK") == gen["requests"]
+            assert gen["tokens_per_s"] > 0 and gen["ttft_ms"]["count"] >= 1
+            assert gen["mean_batch_size"] is not None and gen["mean_batch_size"] >= 1
+    finally:
+        ctx.runner.close()

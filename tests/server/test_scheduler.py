@@ -1,0 +1,268 @@
+"""The generation scheduler on the quick generator, without gRPC.
+
+Without an event loop the scheduler calls sinks in its own thread, between steps: a sink that cancels a
+sequence therefore does so at an exact step boundary, which makes slot accounting deterministic."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from server.errors import DeadlineExceeded, InvalidInput, Overloaded
+from server.generation.scheduler import GenerationScheduler
+from server.metrics import Metrics
+from server.types import FinishReason, GenerateRequest, GenerationChunk, SamplingParams, join_chunks
+
+PROMPTS = ["def load(path):", "import os\n", "The quick brown fox", "class Parser:\n    def"]
+
+
+class Collector:
+    """A sink: gathers one request's chunks; `done` is set on the last chunk or an error."""
+
+    def __init__(self, on_chunk=None) -> None:
+        self.chunks: list[GenerationChunk] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.on_chunk = on_chunk
+
+    def __call__(self, event) -> None:
+        if isinstance(event, BaseException):
+            self.error = event
+            self.done.set()
+            return
+        self.chunks.append(event)
+        if self.on_chunk is not None:
+            self.on_chunk(event)
+        if event.finish is not None:
+            self.done.set()
+
+    def result(self) -> GenerationChunk:
+        assert self.done.wait(60), "generation did not finish"
+        if self.error is not None:
+            raise self.error
+        return join_chunks(self.chunks)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def scheduler(generator, registry):
+    s = GenerationScheduler(generator, max_active_sequences=4, max_queue_size=32, metrics=Metrics(registry))
+    s.start()
+    yield s
+    s.close(10)
+
+
+def run(scheduler, prompt: str, **params) -> GenerationChunk:
+    sink = Collector()
+    scheduler.submit(GenerateRequest("docgpt", prompt, SamplingParams(**params)), sink)
+    return sink.result()
+
+
+def run_together(scheduler, requests: list[tuple[str, dict]]) -> list[GenerationChunk]:
+    sinks = [Collector() for _ in requests]
+    for (prompt, params), sink in zip(requests, sinks):
+        scheduler.submit(GenerateRequest("docgpt", prompt, SamplingParams(**params)), sink)
+    return [s.result() for s in sinks]
+
+
+def test_generates_to_max_new_tokens(scheduler):
+    out = run(scheduler, PROMPTS[0], max_new_tokens=12)
+    assert out.finish is FinishReason.LENGTH or out.finish is FinishReason.EOS
+    assert out.usage.generated_tokens == len(out.token_ids) <= 12
+    assert out.usage.prompt_tokens == len(scheduler.model.tokenizer.encode(PROMPTS[0]).ids)
+    assert (
+        0 <= out.timings.queue_seconds <= out.timings.time_to_first_token_seconds <= out.timings.total_seconds
+    )
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5])  # the vectorised argmax, and the per-row greedy path
+def test_greedy_output_is_the_same_alone_and_batched(scheduler, penalty):
+    params = {"max_new_tokens": 20, "repetition_penalty": penalty}
+    alone = [run(scheduler, p, **params) for p in PROMPTS]
+    together = run_together(scheduler, [(p, params) for p in PROMPTS])
+    assert [o.token_ids for o in together] == [a.token_ids for a in alone]
+    assert [o.text for o in together] == [a.text for a in alone]
+
+
+def test_a_sequence_joining_a_running_batch_gets_the_same_output(scheduler):
+    alone = run(scheduler, PROMPTS[1], max_new_tokens=15)
+    late = Collector()
+
+    def join_once(chunk: GenerationChunk) -> None:
+        # Runs in the decode thread between steps: the late request joins a batch already decoding.
+        if late_submitted.is_set():
+            return
+        late_submitted.set()
+        scheduler.submit(GenerateRequest("docgpt", PROMPTS[1], SamplingParams(max_new_tokens=15)), late)
+
+    late_submitted = threading.Event()
+    early = Collector(on_chunk=join_once)
+    scheduler.submit(GenerateRequest("docgpt", PROMPTS[2], SamplingParams(max_new_tokens=30)), early)
+    early.result()
+    assert late.result().token_ids == alone.token_ids
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(scheduler):
+    params = {"max_new_tokens": 20, "temperature": 1.0, "top_k": 50, "top_p": 0.95, "seed": 1234}
+    alone = run(scheduler, PROMPTS[0], **params)
+    noisy = [(p, {"max_new_tokens": 20, "temperature": 1.3, "seed": i}) for i, p in enumerate(PROMPTS[1:])]
+    together = run_together(scheduler, [*noisy, (PROMPTS[0], params)])[-1]
+    assert together.token_ids == alone.token_ids
+    other_seed = run(scheduler, PROMPTS[0], **{**params, "seed": 99})
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_stop_sequence_spanning_tokens_ends_generation_and_is_not_returned(scheduler):
+    params = {"max_new_tokens": 30, "temperature": 1.0, "seed": 7}
+    pieces = [c.text for c in _chunks(scheduler, PROMPTS[0], params)]
+    text = "".join(pieces)
+    # A two-character stop made of the last character of one piece and the first of the next.
+    boundary = next(i for i in range(1, len(pieces) - 1) if pieces[i] and pieces[i + 1] and len(text) > 2)
+    stop = pieces[boundary][-1] + pieces[boundary + 1][0]
+    out = run(scheduler, PROMPTS[0], **params, stop=("never-generated-text", stop))
+    assert out.finish is FinishReason.STOP
+    assert out.text == text[: text.find(stop)]
+    assert stop not in out.text
+
+
+def _chunks(scheduler, prompt, params) -> list[GenerationChunk]:
+    sink = Collector()
+    scheduler.submit(GenerateRequest("docgpt", prompt, SamplingParams(**params)), sink)
+    sink.result()
+    return sink.chunks
+
+
+def test_eos_ends_generation(generator, registry):
+    first = None
+    s = GenerationScheduler(generator, max_active_sequences=2, max_queue_size=4)
+    s.start()
+    try:
+        first = run(s, PROMPTS[3], max_new_tokens=5).token_ids[0]
+        eos = generator.eos_id
+        generator.eos_id = first  # make the greedy first token the end-of-sequence token
+        out = run(s, PROMPTS[3], max_new_tokens=5)
+    finally:
+        generator.eos_id = eos
+        s.close(10)
+    assert out.finish is FinishReason.EOS
+    assert out.token_ids == [first] and out.text == "" and out.usage.generated_tokens == 1
+
+
+def test_logprobs_come_with_each_token(scheduler):
+    out = run(scheduler, PROMPTS[2], max_new_tokens=10, temperature=0.8, seed=3, logprobs=True)
+    assert len(out.logprobs) == len(out.token_ids) and all(lp <= 0 for lp in out.logprobs)
+    assert run(scheduler, PROMPTS[2], max_new_tokens=3).logprobs is None
+
+
+def test_cancelled_sequence_leaves_at_the_next_step_and_frees_its_slot(scheduler, registry):
+    handle = None
+
+    def cancel_on_first(chunk: GenerationChunk) -> None:
+        handle.cancel()
+
+    sink = Collector(on_chunk=cancel_on_first)
+    # A prompt whose first chunk has text; cancel as soon as it arrives.
+    handle = scheduler.submit(GenerateRequest("docgpt", "hello", SamplingParams(max_new_tokens=100)), sink)
+    _wait(lambda: sink.chunks and scheduler.active == 0)
+    before = registry.get_sample_value("nlpserve_generated_tokens_total", {"model": "docgpt"})
+    assert before < 100  # it stopped long before max_new_tokens
+    assert registry.get_sample_value("nlpserve_active_sequences", {"model": "docgpt"}) == 0
+    assert not sink.done.is_set()  # a cancelled request gets no final chunk
+    # The slot is usable again.
+    assert run(scheduler, PROMPTS[0], max_new_tokens=3).usage.generated_tokens <= 3
+
+
+def _wait(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_deadline_passed_while_waiting_is_refused_before_prefill(scheduler, registry):
+    sink = Collector()
+    scheduler.submit(GenerateRequest("docgpt", PROMPTS[0], SamplingParams()), sink, deadline=time.monotonic())
+    assert sink.done.wait(30)
+    assert isinstance(sink.error, DeadlineExceeded)
+    assert registry.get_sample_value("nlpserve_prompt_tokens_total", {"model": "docgpt"}) in (None, 0)
+
+
+def test_waiting_queue_is_bounded(generator):
+    s = GenerationScheduler(
+        generator, max_active_sequences=1, max_queue_size=2
+    )  # not started: nothing drains
+    request = GenerateRequest("docgpt", PROMPTS[0], SamplingParams())
+    s.submit(request, Collector())
+    s.submit(request, Collector())
+    with pytest.raises(Overloaded):
+        s.submit(request, Collector())
+    assert s.waiting == 2
+
+
+def test_stream_and_unary_agree_on_the_event_loop(scheduler_on_loop_factory):
+    async def main() -> None:
+        s = scheduler_on_loop_factory()
+        request = GenerateRequest(
+            "docgpt", "😀 日本", SamplingParams(max_new_tokens=40, temperature=1.0, seed=5)
+        )
+        chunks = [c async for c in s.stream(request)]
+        unary = await s.generate(request)
+        assert "".join(c.text for c in chunks) == unary.text
+        assert [t for c in chunks for t in c.token_ids] == unary.token_ids
+        assert chunks[-1].finish is not None and all(c.finish is None for c in chunks[:-1])
+        assert not any("\ufffd" in c.text for c in chunks)
+        await asyncio.to_thread(s.close, 10)
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def scheduler_on_loop_factory(generator):
+    def make() -> GenerationScheduler:
+        s = GenerationScheduler(generator, max_active_sequences=4, max_queue_size=8)
+        s.start(asyncio.get_running_loop())
+        return s
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ("", {}, "prompt"),
+        ("x", {"max_new_tokens": 0}, "parameters.max_new_tokens"),
+        ("x", {"max_new_tokens": 10_000}, "parameters.max_new_tokens"),
+        ("x", {"temperature": -0.1}, "parameters.temperature"),
+        ("x", {"temperature": float("nan")}, "parameters.temperature"),
+        ("x", {"top_k": -1}, "parameters.top_k"),
+        ("x", {"top_p": 0.0}, "parameters.top_p"),
+        ("x", {"top_p": 1.5}, "parameters.top_p"),
+        ("x", {"repetition_penalty": 0.0}, "parameters.repetition_penalty"),
+        ("x", {"stop": ("a",) * 9}, "parameters.stop"),
+        ("x", {"stop": ("a", "")}, "parameters.stop[1]"),
+        ("word " * 500, {}, "prompt"),
+    ],
+)
+def test_bad_requests_name_the_field(generator, prompt, params, field):
+    with pytest.raises(InvalidInput) as exc:
+        generator.prepare(GenerateRequest("docgpt", prompt, SamplingParams(**params)))
+    assert exc.value.field == field
+
+
+def test_prompt_too_long_names_both_numbers(generator):
+    limit = generator.context_length
+    prompt_ids = generator.tokenizer.encode("a b c d e f").ids
+    with pytest.raises(InvalidInput) as exc:
+        generator.prepare(GenerateRequest("docgpt", "a b c d e f", SamplingParams(max_new_tokens=limit - 1)))
+    assert f"{len(prompt_ids)} prompt tokens" in str(exc.value) and f"max_new_tokens {limit - 1}" in str(
+        exc.value
+    )
+    assert str(limit) in str(exc.value)

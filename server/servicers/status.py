@@ -153,7 +153,7 @@ def stream(method: str) -> Callable:
                 async with contextlib.aclosing(f(self, request, context, call)) as messages:
                     async for message in messages:
                         yield message
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away (or its deadline passed)
                 _finish(self.metrics, call, _cancelled_code(call), started)
                 raise
             except Exception as exc:  # noqa: BLE001 - the one mapping of errors to status codes

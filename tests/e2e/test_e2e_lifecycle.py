@@ -1,0 +1,192 @@
+"""The server process: health, metric names, graceful drain under load, start-up failures, overload."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from e2e_util import sample, scrape, start
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from client.proto import inference_pb2 as pb
+from client.proto import inference_pb2_grpc
+from server.process import ServerProcess
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICES = ["", "nlpserve.v1.InferenceService", "sentiment", "docgpt"]
+
+
+def health(channel: grpc.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def gen_request(max_new_tokens: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        prompt="hello", parameters=pb.GenerationParameters(max_new_tokens=max_new_tokens)
+    )
+
+
+def test_health_of_the_server_and_of_each_model(channel):
+    for service in SERVICES:
+        assert health(channel, service) == SERVING, service
+    with pytest.raises(grpc.RpcError) as exc:
+        health(channel, "no-such-model")
+    assert exc.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_metric_names_types_and_labels(srv, stub):
+    stub.Classify(pb.ClassifyRequest(texts=["good", "bad"]), timeout=30)
+    list(stub.GenerateStream(gen_request(5), timeout=30))
+    stub.Generate(gen_request(5), timeout=30)
+    stub.ListModels(pb.ListModelsRequest(), timeout=30)
+    import urllib.request
+
+    with urllib.request.urlopen(srv.metrics_url, timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    expected = {
+        "nlpserve_requests": ("counter", {"model", "method", "code"}),
+        "nlpserve_request_duration_seconds": ("histogram", {"model", "method"}),
+        "nlpserve_queue_duration_seconds": ("histogram", {"model", "method"}),
+        "nlpserve_compute_duration_seconds": ("histogram", {"model", "method"}),
+        "nlpserve_batch_size": ("histogram", {"model", "method"}),
+        "nlpserve_queue_depth": ("gauge", {"model"}),
+        "nlpserve_active_sequences": ("gauge", {"model"}),
+        "nlpserve_prompt_tokens": ("counter", {"model"}),
+        "nlpserve_generated_tokens": ("counter", {"model"}),
+        "nlpserve_time_to_first_token_seconds": ("histogram", {"model"}),
+        "nlpserve_inter_token_latency_seconds": ("histogram", {"model"}),
+        "nlpserve_model_info": ("gauge", {"model", "version", "kind", "provider", "variant"}),
+    }
+    for name, (kind, labels) in expected.items():
+        assert name in families, name
+        assert families[name].type == kind, name
+        assert families[name].samples, name
+        for s in families[name].samples:
+            assert set(s.labels) - {"le"} == labels, (name, s.labels)
+    counters = {s.name for f in families.values() if f.type == "counter" for s in f.samples}
+    assert {
+        "nlpserve_requests_total",
+        "nlpserve_prompt_tokens_total",
+        "nlpserve_generated_tokens_total",
+    } <= counters
+    methods = {s.labels["method"] for s in families["nlpserve_requests"].samples}
+    assert {"Classify", "Generate", "GenerateStream", "ListModels"} <= methods
+    batch_methods = {s.labels["method"] for s in families["nlpserve_batch_size"].samples}
+    assert batch_methods == {"Classify", "Generate"}
+    info = {s.labels["model"]: s.labels for s in families["nlpserve_model_info"].samples}
+    assert info["docgpt"]["provider"] == "CPUExecutionProvider" and info["sentiment"]["kind"] == "classifier"
+
+
+def test_overload_gets_resource_exhausted_and_the_rest_are_served(models):
+    args = ("--max-active-sequences", "1", "--max-queue-size", "1", "--max-batch-size", "1")
+    with start(models, *args) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+        def generate(_: int) -> grpc.StatusCode:
+            try:
+                list(stub.GenerateStream(gen_request(100), timeout=60))
+                return grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                return exc.code()
+
+        def classify(_: int) -> grpc.StatusCode:
+            try:
+                stub.Classify(pb.ClassifyRequest(texts=["word " * 200] * 8), timeout=60)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                return exc.code()
+
+        with ThreadPoolExecutor(16) as pool:
+            gen_codes = list(pool.map(generate, range(16)))
+            cls_codes = list(pool.map(classify, range(32)))
+        for codes in (gen_codes, cls_codes):
+            assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        samples = scrape(srv)
+        refused = sample(
+            samples,
+            "nlpserve_requests_total",
+            model="docgpt",
+            method="GenerateStream",
+            code="RESOURCE_EXHAUSTED",
+        )
+        assert refused == gen_codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert stub.Generate(gen_request(2), timeout=30).usage.generated_tokens >= 1  # serving again
+
+
+def test_graceful_drain_under_load(models):
+    # Every stream is admitted at once (64 slots), so all are in flight when SIGTERM arrives.
+    with (
+        start(models, "--max-active-sequences", "64", "--grace-seconds", "60") as srv,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        n = 32
+        first_seen = threading.Barrier(n + 1, timeout=60)
+        results: list[object] = [None] * n
+
+        def consume(i: int) -> None:
+            try:
+                call = stub.GenerateStream(gen_request(120), timeout=120)
+                messages = [next(call)]
+                first_seen.wait()
+                messages.extend(call)
+                results[i] = messages
+            except (grpc.RpcError, threading.BrokenBarrierError) as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        first_seen.wait()  # all streams are generating
+        srv.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while health(channel, "") != NOT_SERVING:
+            assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+            time.sleep(0.005)
+        assert all(health(channel, s) == NOT_SERVING for s in SERVICES)
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.Generate(gen_request(5), timeout=10)
+        assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
+        for t in threads:
+            t.join(120)
+        # Every stream that was in flight finished normally.
+        for r in results:
+            assert isinstance(r, list), r
+            assert r[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+        assert srv.wait(60) == 0
+        drained = re.search(r"draining: .*?, (\d+) in flight", srv.logs())
+        assert drained and int(drained.group(1)) > 0, srv.logs()  # the drain did wait for work in flight
+
+
+def test_device_cuda_fails_clearly_when_cuda_is_not_active(models):
+    srv = ServerProcess(models, args=["--device", "cuda"])
+    try:
+        srv.start()
+    except RuntimeError as exc:
+        message = str(exc)
+        assert "exited with 1" in message
+        assert "--device cuda" in message and "CUDAExecutionProvider" in message
+    else:  # a machine with a working GPU: then CUDA must really be in use
+        try:
+            with grpc.insecure_channel(srv.target) as channel:
+                info = inference_pb2_grpc.InferenceServiceStub(channel).ListModels(
+                    pb.ListModelsRequest(), timeout=10
+                )
+            assert {m.execution_provider for m in info.models} == {"CUDAExecutionProvider"}
+        finally:
+            srv.stop()
+
+
+def test_bad_repository_fails_at_start(tmp_path: Path):
+    with pytest.raises(RuntimeError) as exc:
+        ServerProcess(tmp_path).start()
+    assert "no model found" in str(exc.value)

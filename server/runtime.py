@@ -66,6 +66,7 @@ class Session:
             options.intra_op_num_threads = intra_op_threads
         # Inter-op parallelism does not help these sequential graphs; one thread keeps the core count honest.
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         requested = requested_providers(device)
         self.session = ort.InferenceSession(str(path), options, providers=requested)
         active = self.session.get_providers()

@@ -48,6 +48,7 @@ class GeneratorModel:
         self.num_heads = int(arch["num_heads"])
         self.head_size = int(arch["head_size"])
         self.context_length = config.max_sequence_length
+        self.vocab_size = int(arch.get("vocab_size") or self.tokenizer.get_vocab_size())
         gen = config.generation
         self.max_new_tokens = int(gen.get("max_new_tokens", self.context_length - 1))
         self.default_max_new_tokens = min(int(gen.get("default_max_new_tokens", 64)), self.max_new_tokens)

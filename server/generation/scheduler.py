@@ -50,6 +50,7 @@ class _Sequence:
     stopper: StopMatcher
     want_logprobs: bool
     cancelled: bool = False
+    finished: bool = False  # its last chunk (or error) is on its way
     started: float = 0.0  # prefill start
     first_token: float = 0.0
     last_token: float = 0.0
@@ -71,6 +72,29 @@ class SequenceHandle:
 
     def cancel(self) -> None:
         self._scheduler._cancel(self._seq)
+
+
+# The decoder returns logits for every prompt position, (B, T, vocab) float32: a batch of long prompts on a
+# 50k vocabulary would take gigabytes, so a prefill is split to keep that array under this size.
+PREFILL_LOGITS_BYTES = 256 * 1024 * 1024
+
+
+def prefill_chunks(group: list[_Sequence], vocab_size: int) -> list[list[_Sequence]]:
+    """Splits the sequences to prefill into batches whose logits fit PREFILL_LOGITS_BYTES; similar prompt
+    lengths go together (less padding)."""
+    chunks: list[list[_Sequence]] = []
+    current: list[_Sequence] = []
+    longest = 0
+    for seq in sorted(group, key=lambda s: len(s.prepared.prompt_ids)):
+        length = len(seq.prepared.prompt_ids)
+        if current and (len(current) + 1) * max(longest, length) * vocab_size * 4 > PREFILL_LOGITS_BYTES:
+            chunks.append(current)
+            current, longest = [], 0
+        current.append(seq)
+        longest = max(longest, length)
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _call_each(pairs: list[tuple[Sink, Event]]) -> None:
@@ -212,29 +236,33 @@ class GenerationScheduler:
                 while self._waiting and len(self._active) + len(admitted) < self.max_active_sequences:
                     admitted.append(self._waiting.popleft())
             events: list[tuple[Sink, Event]] = []
-            self._leave(events)
-            if admitted:
-                try:
-                    self._prefill(admitted, events)
-                except Exception as exc:
-                    log.exception("model %s: a prefill of %d sequences failed", self.name, len(admitted))
-                    events.extend((seq.sink, exc) for seq in admitted if not seq.cancelled)
-                if events:  # first tokens go out now, not after the decode step
-                    self._deliver(events)
-                    events = []
-            if self._active:
-                try:
-                    self._step(events)
-                except Exception as exc:
-                    log.exception(
-                        "model %s: a decode step of %d sequences failed", self.name, len(self._active)
-                    )
-                    events.extend((seq.sink, exc) for seq in self._active)
-                    self._active, self._cache = [], None
+            try:
+                self._iterate(admitted, events)
+            except Exception as exc:  # a bug, not a model error: fail what is running, keep the thread alive
+                log.exception("model %s: the scheduler failed; failing the running sequences", self.name)
+                running = [s for s in {*self._active, *admitted} if not s.finished]
+                events = [(seq.sink, exc) for seq in running]
+                self._active, self._cache = [], None
             with self._cond:
                 self._gauges()
             if events:
                 self._deliver(events)
+
+    def _iterate(self, admitted: list[_Sequence], events: list[tuple[Sink, Event]]) -> None:
+        """One step boundary: leave, join (prefill), one decode step."""
+        self._leave(events)
+        if admitted:
+            self._prefill(admitted, events)
+            if events:  # first tokens go out now, not after the decode step
+                self._deliver(events)
+                events.clear()
+        if self._active:
+            try:
+                self._step(events)
+            except Exception as exc:  # fails the sequences of this step only
+                log.exception("model %s: a decode step of %d sequences failed", self.name, len(self._active))
+                events.extend((seq.sink, exc) for seq in self._active)
+                self._active, self._cache = [], None
 
     def _leave(self, events: list[tuple[Sink, Event]]) -> None:
         """Drops cancelled and expired sequences from the running batch (at a step boundary)."""
@@ -271,14 +299,20 @@ class GenerationScheduler:
             for seq in group:
                 self._m_queue_time.observe(now - seq.arrival)
             self._m_prompt.inc(sum(len(s.prepared.prompt_ids) for s in group))
-        logits, cache = self.model.prefill([s.prepared.prompt_ids for s in group])
-        for seq in group:
-            seq.position = len(seq.prepared.prompt_ids)
-        keep = self._accept(group, logits, events)
-        if keep:
-            cache = cache.select(keep)
-            self._cache = cache if self._cache is None else KVCache.join(self._cache, cache)
-            self._active.extend(group[r] for r in keep)
+        for chunk in prefill_chunks(group, self.model.vocab_size):
+            try:
+                logits, cache = self.model.prefill([s.prepared.prompt_ids for s in chunk])
+            except Exception as exc:  # fails the sequences of this prefill only
+                log.exception("model %s: a prefill of %d sequences failed", self.name, len(chunk))
+                events.extend((seq.sink, exc) for seq in chunk)
+                continue
+            for seq in chunk:
+                seq.position = len(seq.prepared.prompt_ids)
+            keep = self._accept(chunk, logits, events)
+            if keep:
+                cache = cache.select(keep)
+                self._cache = cache if self._cache is None else KVCache.join(self._cache, cache)
+                self._active.extend(chunk[r] for r in keep)
         with self._cond:
             self._gauges()
 
@@ -337,6 +371,7 @@ class GenerationScheduler:
                 )
                 seq.pending_ids, seq.pending_logprobs = [], []
                 if finish is not None:
+                    seq.finished = True
                     chunk.finish = finish
                     chunk.usage = Usage(len(seq.prepared.prompt_ids), seq.generated)
                     chunk.timings = Timings(

@@ -266,3 +266,28 @@ def test_prompt_too_long_names_both_numbers(generator):
         exc.value
     )
     assert str(limit) in str(exc.value)
+
+
+def test_a_failing_step_fails_only_its_own_sequences(generator):
+    s = GenerationScheduler(generator, max_active_sequences=4, max_queue_size=8)
+    real_decode = generator.decode
+    failures = []
+
+    def decode_failing_once(*args):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("the model crashed")
+        return real_decode(*args)
+
+    generator.decode = decode_failing_once  # fault injection: the real model, one failing call
+    s.start()
+    try:
+        victim = Collector()
+        s.submit(GenerateRequest("docgpt", PROMPTS[0], SamplingParams(max_new_tokens=10)), victim)
+        assert victim.done.wait(30)
+        assert isinstance(victim.error, RuntimeError)
+        after = run(s, PROMPTS[0], max_new_tokens=5)  # the scheduler keeps serving
+        assert after.usage.generated_tokens >= 1 and s.active == 0
+    finally:
+        generator.decode = real_decode
+        s.close(10)

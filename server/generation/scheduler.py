@@ -254,7 +254,7 @@ class GenerationScheduler:
         if admitted:
             self._prefill(admitted, events)
             if events:  # first tokens go out now, not after the decode step
-                self._deliver(events)
+                self._deliver(events[:])  # a copy: delivery may happen later, on the event loop
                 events.clear()
         if self._active:
             try:

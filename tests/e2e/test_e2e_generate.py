@@ -55,6 +55,7 @@ def test_stream_ends_with_the_finish_reason_and_equals_unary(stub):
         assert "".join(m.text for m in messages) == whole.text
         assert [t for m in messages for t in m.token_ids] == list(whole.token_ids)
         assert last.usage == whole.usage
+        assert sum(len(m.token_ids) for m in messages) == last.usage.generated_tokens  # no message lost
 
 
 def test_greedy_is_the_same_alone_batched_and_streamed(stub):

@@ -217,6 +217,7 @@ def test_stream_and_unary_agree_on_the_event_loop(scheduler_on_loop_factory):
         unary = await s.generate(request)
         assert "".join(c.text for c in chunks) == unary.text
         assert [t for c in chunks for t in c.token_ids] == unary.token_ids
+        assert len(unary.token_ids) == unary.usage.generated_tokens  # no chunk lost on the way
         assert chunks[-1].finish is not None and all(c.finish is None for c in chunks[:-1])
         assert not any("\ufffd" in c.text for c in chunks)
         await asyncio.to_thread(s.close, 10)

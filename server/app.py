@@ -72,7 +72,10 @@ async def serve(
 
     metrics_port, httpd = -1, None
     if settings.metrics_port >= 0:
-        httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        try:
+            httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        except OSError as exc:
+            raise StartupError(f"--metrics-port {settings.metrics_port}: {exc.strerror or exc}") from exc
         metrics_port = httpd.server_port
 
     limit = settings.max_message_bytes
@@ -94,9 +97,15 @@ async def serve(
     services = ["", SERVICE_NAME, *(c.name for c in configs)]
     for name in services:
         await health.set(name, NOT_SERVING)
-    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    try:
+        grpc_port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
+        grpc_port = 0
+        log.debug("bind failed: %s", exc)
     if grpc_port == 0:
-        raise StartupError(f"cannot listen on {settings.host}:{settings.port}")
+        if httpd is not None:
+            httpd.shutdown()
+        raise StartupError(f"--port {settings.port}: cannot listen on {settings.host}:{settings.port} (in use?)")
     await server.start()
     log.info(
         "gRPC on %s:%d, metrics on port %d; loading %d models",

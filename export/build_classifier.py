@@ -17,7 +17,7 @@ from export import classifier as clf
 from export import variants
 from export.data import LabelledData
 from export.errors import ExportError
-from export.onnx_export import export_classifier
+from export.onnx_export import export_classifier, export_classifier_for_fusion
 from export.repository import (
     CLASSIFIER_BATCHING,
     FORMAT_VERSION,
@@ -175,7 +175,7 @@ def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
     fp32_path = version_dir / VARIANT_FILES["fp32"]
     t0 = time.monotonic()
     export_classifier(loaded.model, fp32_path, example, output_names)
-    diffs = classifier_parity(loaded.model, fp32_path, parity_batch, output_names)
+    diffs, _ = classifier_parity(loaded.model, fp32_path, parity_batch, output_names)
     check(diffs, PARITY_BOUND, "classifier fp32")
     figures["export_seconds"] = round(time.monotonic() - t0, 1)
     parity: dict[str, Any] = {"fp32": {"max_abs_diff": max(diffs.values()), "batch": len(parity_texts)}}
@@ -186,16 +186,23 @@ def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
             kind="classifier", model_type=loaded.config.model_type, num_heads=loaded.config.num_attention_heads,
             hidden_size=loaded.config.hidden_size,
         )
+        fusable = None
+        if {"opt", "fp16"} & set(opts.variants):
+            fusable = version_dir / "model.fusable.onnx"
+            export_classifier_for_fusion(loaded.model, fusable, example, output_names)
         for variant in opts.variants:
             path = version_dir / VARIANT_FILES[variant]
-            variants.produce(variant, spec, fp32_path, path)
+            facts = variants.produce(variant, spec, fp32_path, path, fusable)
             result = variants.verify_classifier(variant, loaded.model, path, parity_batch, output_names)
+            result.update(facts)
             if eval_texts and torch_accuracy is not None and result.get("verified", True):
                 logits = onnx_classify(path, encode, eval_texts, providers=result.get("providers"))
                 result["accuracy_delta"] = round(clf.accuracy(logits, eval_labels) - torch_accuracy, 4)
             result.pop("providers", None)
             parity[variant] = result
             files[variant] = path.name
+        if fusable is not None:
+            fusable.unlink()
 
     loaded.tokenizer.save(str(version_dir / "tokenizer.json"))
     config = loaded.config

@@ -119,7 +119,8 @@ def load_base(folder: Path, num_labels: int, pooling: Pooling) -> LoadedClassifi
 
     _check_folder(folder)
     try:
-        encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+        # Eager attention: its graph is the one onnxruntime.transformers knows how to fuse.
+        encoder = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
     except Exception as exc:  # noqa: BLE001 (transformers raises OSError, ValueError, KeyError... for bad folders)
         raise _load_error(folder, exc) from None
     tokenizer = load_checkpoint_tokenizer(folder)
@@ -143,6 +144,7 @@ def scratch(
         intermediate_size=4 * hidden,
         max_position_embeddings=max(512, max_length),
         pad_token_id=tokenizer.token_to_id("[PAD]") or 0,
+        attn_implementation="eager",
     )
     encoder = BertModel(config, add_pooling_layer=False)
     source = f"scratch (BERT, {layers} layers, {heads} heads, hidden {hidden})"
@@ -155,7 +157,9 @@ def load_finetuned(folder: Path, pooling: Pooling) -> LoadedClassifier:
 
     _check_folder(folder)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, local_files_only=True, attn_implementation="eager"
+        )
     except Exception as exc:  # noqa: BLE001 (as in load_base)
         raise _load_error(folder, exc) from None
     tokenizer = load_checkpoint_tokenizer(folder)

@@ -99,6 +99,35 @@ def export_classifier(model: nn.Module, path: Path, inputs: dict[str, torch.Tens
     _save(program, path)
 
 
+def export_classifier_for_fusion(
+    model: nn.Module, path: Path, inputs: dict[str, torch.Tensor], outputs: list[str]
+) -> None:
+    """The same classifier through the TorchScript exporter (dynamo=False), for the `opt` and `fp16`
+    variants: onnxruntime.transformers' fusions recognise the attention and embedding patterns of this graph
+    (with eager attention) and find only layer norms and GELUs in the dynamo exporter's."""
+
+    class Graph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            logits, embedding = self.model(*args)
+            return (logits, embedding) if "embedding" in outputs else (logits,)
+
+    names = list(inputs)
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes.update({name: {0: "batch"} for name in outputs})
+    try:
+        with _quiet():
+            torch.onnx.export(
+                Graph().eval(), tuple(inputs[name] for name in names), str(path), input_names=names,
+                output_names=outputs, dynamic_axes=axes, dynamo=False, opset_version=OPSET,
+            )
+    except Exception as exc:
+        raise ExportError(f"ONNX export of the classifier (for fusion) failed: {_reason(exc)}") from exc
+
+
 class DecoderGraph(nn.Module):
     """GPT-2 with its KV cache as flat tensors: (input_ids, attention_mask, position_ids, past...) ->
     (logits, present...). transformers 5 accepts only Cache objects, so the flat past is wrapped into a

@@ -44,6 +44,10 @@ def _optimize(spec: Spec, source: Path) -> Any:
 
     # The ORT optimizer knows BERT-family encoders as "bert" and GPT-2 as "gpt2".
     model_type = "gpt2" if spec.model_type == "gpt2" else "bert"
+    # Its modules log every fusion at INFO on loggers of their own (fusion_base, onnx_model_bert...).
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("fusion_", "onnx_model", "float16")):
+            logging.getLogger(name).setLevel(logging.WARNING)
     model = optimize_model(
         str(source), model_type=model_type, num_heads=spec.num_heads, hidden_size=spec.hidden_size, opt_level=1,
         use_gpu=False, only_onnxruntime=False,
@@ -52,16 +56,36 @@ def _optimize(spec: Spec, source: Path) -> Any:
     return model
 
 
-def produce(variant: str, spec: Spec, fp32: Path, out: Path) -> dict[str, Any]:
-    """Writes `out` from the fp32 graph; returns facts about it (fused operators)."""
+def _quantize(fp32: Path, out: Path) -> None:
+    """Dynamic int8 quantization of the unfused graph: the quantizer knows MatMul and Gather, not the fused
+    contrib operators."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(fp32))
+    # The dynamo exporter records intermediate shapes from the example inputs (a batch of 2, say); the
+    # quantizer's shape inference then finds them at odds with the dynamic axes. It infers its own.
+    del model.graph.value_info[:]
+    unannotated = out.with_name(out.name + ".source.onnx")
+    onnx.save(model, str(unannotated))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process goes to the root logger
+    try:
+        quantize_dynamic(str(unannotated), str(out), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+        unannotated.unlink(missing_ok=True)
+
+
+def produce(variant: str, spec: Spec, fp32: Path, out: Path, fusable: Path | None = None) -> dict[str, Any]:
+    """Writes `out` from the fp32 graph (`fusable`, when given, is the graph to fuse for opt and fp16); returns
+    facts about it (the fused operators)."""
     try:
         if variant == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            # The unfused graph: the quantizer knows MatMul and Gather, not the fused contrib operators.
-            quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+            _quantize(fp32, out)
             return {}
-        model = _optimize(spec, fp32)
+        model = _optimize(spec, fusable or fp32)
         fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
         if variant == "fp16":
             keep = [o.name for o in model.model.graph.output if o.name in ("logits", "embedding")]
@@ -85,9 +109,10 @@ def verify_classifier(
     variant: str, model: nn.Module, path: Path, batch: dict[str, np.ndarray], outputs: list[str]
 ) -> dict[str, Any]:
     providers = _providers(variant)
-    diffs = classifier_parity(model, path, batch, outputs, providers)
-    check(diffs, CLASSIFIER_BOUNDS[variant], f"classifier {variant}")
-    return {"max_abs_diff": max(diffs.values()), "bound": CLASSIFIER_BOUNDS[variant], "providers": providers}
+    diffs, provider = classifier_parity(model, path, batch, outputs, providers)
+    check(diffs, CLASSIFIER_BOUNDS[variant], f"classifier {variant} on {provider}")
+    return {"max_abs_diff": max(diffs.values()), "bound": CLASSIFIER_BOUNDS[variant], "verified_on": provider,
+            "providers": providers}
 
 
 def verify_generator(
@@ -98,10 +123,10 @@ def verify_generator(
     bound, agreement = GENERATOR_BOUNDS[variant], GENERATOR_AGREEMENT[variant]
     if result["max_abs_diff"] > bound or result["token_agreement"] < agreement:
         raise VerificationError(
-            f"generator {variant}: logits differ by {result['max_abs_diff']:.3g} (bound {bound:g}), greedy tokens "
+            f"generator {variant} on {result['provider']}: logits differ by {result['max_abs_diff']:.3g} (bound {bound:g}), greedy tokens "
             f"agree on {result['token_agreement']:.0%} of steps (at least {agreement:.0%} wanted)"
         )
     return {
         "max_abs_diff": result["max_abs_diff"], "bound": bound, "token_agreement": result["token_agreement"],
-        "providers": providers,
+        "verified_on": result["provider"], "providers": providers,
     }

@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 
 
 def session(path: Path, providers: list[str] | None = None) -> ort.InferenceSession:
+    """A session on the given providers (the CPU's by default). A provider that cannot start (CUDA listed by
+    onnxruntime-gpu on a machine without the CUDA libraries) falls back to the CPU quietly; callers read
+    `get_providers()` to know where the check ran."""
+    ort.set_default_logger_severity(4)  # a CUDA provider that cannot load is not an error here: see above
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
@@ -32,8 +36,9 @@ def _float_type(sess: ort.InferenceSession, name: str) -> type:
 @torch.inference_mode()
 def classifier_parity(
     model: nn.Module, path: Path, inputs: dict[str, np.ndarray], outputs: list[str], providers: list[str] | None = None
-) -> dict[str, float]:
-    """Max abs difference of each output between ONNX Runtime and PyTorch on one padded batch."""
+) -> tuple[dict[str, float], str]:
+    """Max abs difference of each output between ONNX Runtime and PyTorch on one padded batch, and the
+    execution provider that ran the graph."""
     model.eval()
     sess = session(path, providers)
     names = [i.name for i in sess.get_inputs()]
@@ -42,7 +47,7 @@ def classifier_parity(
     diffs = {}
     for name, got, want in zip(outputs, onnx_out, torch_out):
         diffs[name] = float(np.abs(got.astype(np.float32) - want.float().numpy()).max())
-    return diffs
+    return diffs, sess.get_providers()[0]
 
 
 def check(diffs: dict[str, float], bound: float, what: str) -> None:
@@ -132,4 +137,5 @@ def generator_parity(
         "batch": n,
         "new_tokens": new_tokens,
         "generated": generated,
+        "provider": sess.get_providers()[0],
     }

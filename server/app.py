@@ -67,7 +67,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (in-process tests)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (in-process tests)
             pass
 
     metrics_port, httpd = -1, None
@@ -86,7 +86,7 @@ async def serve(
             ("grpc.so_reuseport", 0),  # port 0 and a busy port must mean what they say
         ]
     )
-    hub, gate = ModelHub(), Gate()
+    hub, gate = ModelHub(loading=tuple(c.name for c in configs)), Gate()
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(hub, metrics, gate), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -135,11 +135,14 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
 class ModelHub:
     """The served models by name; what every front calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, loading: tuple[str, ...] = ()) -> None:
         self.models: dict[str, ServedModel] = {}
+        # Names of models still loading: requests for them get UNAVAILABLE, not NOT_FOUND.
+        self.loading = set(loading)
 
     def add(self, served: ServedModel) -> None:
         self.models[served.name] = served
+        self.loading.discard(served.name)
 
     def start(self) -> None:
         """Starts the batchers and schedulers on the running event loop; the models are ready after this."""
@@ -164,6 +167,8 @@ class ModelHub:
         try:
             return self.models[name]
         except KeyError:
+            if name in self.loading:
+                raise Unavailable(f"model {name} is loading") from None
             raise ModelNotFound(f"no model named {name!r}") from None
 
     def pick(self, name: str, kind: str) -> ServedModel:
@@ -171,6 +176,8 @@ class ModelHub:
         if not name:
             of_kind = [m for m in self.models.values() if m.description.kind == kind]
             if not of_kind:
+                if self.loading:
+                    raise Unavailable("models are loading")
                 raise ModelNotFound(f"this server hosts no {kind}")
             if len(of_kind) > 1:
                 raise InvalidInput(

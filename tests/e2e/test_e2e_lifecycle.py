@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
@@ -190,3 +191,30 @@ def test_bad_repository_fails_at_start(tmp_path: Path):
     with pytest.raises(RuntimeError) as exc:
         ServerProcess(tmp_path).start()
     assert "no model found" in str(exc.value)
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_variant_in_use_is_reported(models, variant):
+    # A model without the asked variant falls back to fp32, and says so.
+    with start(models, "--variant", variant) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        listed = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
+        samples = scrape(srv)
+        for m in listed:
+            config = json.loads((models / m.name / m.version / "config.json").read_text())
+            expected = variant if variant in config["onnx"]["variants"] else "fp32"
+            assert m.variant == expected
+            assert (
+                sample(
+                    samples,
+                    "nlpserve_model_info",
+                    model=m.name,
+                    version=m.version,
+                    kind=config["kind"],
+                    provider=m.execution_provider,
+                    variant=expected,
+                )
+                == 1
+            )
+        assert stub.Classify(pb.ClassifyRequest(texts=["good"]), timeout=30).results
+        assert stub.Generate(gen_request(4), timeout=30).usage.generated_tokens >= 1

@@ -101,7 +101,7 @@ def test_overload_gets_resource_exhausted_and_the_rest_are_served(models):
 
         def classify(_: int) -> grpc.StatusCode:
             try:
-                stub.Classify(pb.ClassifyRequest(texts=["word " * 200] * 8), timeout=60)
+                stub.Classify(pb.ClassifyRequest(texts=["word " * 200] * 64), timeout=60)
                 return grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 return exc.code()

@@ -18,7 +18,7 @@ from ..types import SamplingParams
 class Sampler:
     """The sampling state of one sequence: its parameters, its random generator, the tokens seen so far."""
 
-    __slots__ = ("_seen", "_seen_array", "params", "rng")
+    __slots__ = ("_seen", "_seen_array", "params", "rng", "simple_greedy")
 
     def __init__(self, params: SamplingParams, seed: int, prompt_ids: Iterable[int] = ()) -> None:
         self.params = params
@@ -26,11 +26,8 @@ class Sampler:
         # Only the repetition penalty needs the history; keep it as a set of distinct ids.
         self._seen: set[int] | None = set(prompt_ids) if params.repetition_penalty != 1.0 else None
         self._seen_array: np.ndarray | None = None
-
-    @property
-    def simple_greedy(self) -> bool:
-        """Greedy with nothing to apply per row: a batch of these is one vectorised argmax."""
-        return self.params.greedy and self._seen is None
+        # Greedy with nothing to apply per row: a batch of these is one vectorised argmax.
+        self.simple_greedy = params.greedy and self._seen is None
 
     def observe(self, token: int) -> None:
         if self._seen is not None and token not in self._seen:
@@ -82,13 +79,14 @@ def sample_batch(
 
     Rows of plain greedy requests are decided together by one argmax; the others row by row.
     """
-    tokens = [0] * len(samplers)
     greedy_rows = [i for i, s in enumerate(samplers) if s.simple_greedy]
-    if greedy_rows:
-        best = np.argmax(logits[greedy_rows], axis=-1)
-        for i, t in zip(greedy_rows, best.tolist()):
-            tokens[i] = t
-    if len(greedy_rows) < len(samplers):
+    if len(greedy_rows) == len(samplers):
+        tokens = np.argmax(logits, axis=-1).tolist()
+    else:
+        tokens = [0] * len(samplers)
+        if greedy_rows:
+            for i, t in zip(greedy_rows, np.argmax(logits[greedy_rows], axis=-1).tolist()):
+                tokens[i] = t
         for i, s in enumerate(samplers):
             if not s.simple_greedy:
                 tokens[i] = s.sample(logits[i])
@@ -99,5 +97,6 @@ def sample_batch(
         for j, i in enumerate(rows):
             logprobs[i] = float(lp[j, tokens[i]])
     for s, t in zip(samplers, tokens):
-        s.observe(t)
+        if s._seen is not None:
+            s.observe(t)
     return tokens, logprobs

@@ -119,3 +119,36 @@ def test_port_in_use_fails_at_start(models):
         )
         with pytest.raises(StartupError, match=f"--port {port}"):
             asyncio.run(app.serve(settings, CollectorRegistry()))
+
+
+def test_unexpected_error_is_internal_generic_and_logged(models, monkeypatch, caplog):
+    from server.classify import ClassifierModel
+
+    real_run = ClassifierModel.run
+
+    def run(self, requests):
+        if any("boom" in t for r in requests for t in r.texts):
+            raise RuntimeError("secret detail of the failure")
+        return real_run(self, requests)
+
+    monkeypatch.setattr(ClassifierModel, "run", run)  # fault injection into the real model
+    port = free_port()
+    settings = load_settings(
+        ["--models", str(models), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1"], {}
+    )
+    srv = InProcessServer(settings, CollectorRegistry())
+    srv.thread.start()
+    try:
+        assert srv.ready.wait(120)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.Classify(pb.ClassifyRequest(texts=["boom"]), timeout=30)
+            assert exc.value.code() is grpc.StatusCode.INTERNAL
+            assert "secret" not in exc.value.details()
+            assert stub.Classify(pb.ClassifyRequest(texts=["fine"]), timeout=30).results  # still serving
+        assert "secret detail of the failure" in caplog.text  # the details went to the log
+        assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
+    finally:
+        srv.stop()
+    assert srv.exit_code == 0

@@ -146,8 +146,21 @@ async def serve(
     )
     gate.draining = True
     await health.enter_graceful_shutdown()
-    if not await gate.wait_idle(settings.grace_seconds):
-        log.warning("grace period over: cancelling %d requests still in flight", gate.in_flight)
+    # A second signal during the drain cuts it short (an impatient Ctrl-C, or an orchestrator's retry).
+    force = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, force.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    idle = asyncio.ensure_future(gate.wait_idle(settings.grace_seconds))
+    forced = asyncio.ensure_future(force.wait())
+    await asyncio.wait({idle, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if not (idle.done() and idle.result()):
+        idle.cancel()
+        reason = "a second signal" if force.is_set() else "grace period over"
+        log.warning("%s: cancelling %d requests still in flight", reason, gate.in_flight)
     await server.stop(0)
     await hub.close()
     if httpd is not None:

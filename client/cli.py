@@ -383,7 +383,8 @@ def run_generate(client: Client, args: argparse.Namespace, out: TextIO, err: Tex
     }
     if args.no_stream:
         generation = client.generate(prompt, **kwargs)
-        print(to_json(generation.to_dict()) if args.json else generation.text, file=out, flush=True)
+        out.write(to_json(generation.to_dict()) + "\n" if args.json else _text_line(generation.text))
+        out.flush()
         last: Generation | GenerationChunk | None = generation
     else:
         last = _print_stream(client.generate_stream(prompt, **kwargs), args.json, out)
@@ -395,7 +396,7 @@ def run_generate(client: Client, args: argparse.Namespace, out: TextIO, err: Tex
 def _print_stream(chunks: Iterable[GenerationChunk], as_json: bool, out: TextIO) -> GenerationChunk | None:
     """Prints each chunk as it arrives (flushed): its text, or one JSON object per line. Returns the last."""
     last = None
-    ended_line = True
+    printed = ended_line = finished = False
     try:
         for chunk in chunks:
             last = chunk
@@ -403,14 +404,21 @@ def _print_stream(chunks: Iterable[GenerationChunk], as_json: bool, out: TextIO)
                 out.write(to_json(chunk.to_dict()) + "\n")
             elif chunk.text:
                 out.write(chunk.text)
-                ended_line = chunk.text.endswith("\n")
+                printed, ended_line = True, chunk.text.endswith("\n")
             out.flush()
+        finished = True
     finally:
-        # Also when the stream fails midway: the partial text ends its line before the error is printed.
-        if not ended_line:
+        # The text ends its line (as with --no-stream), also when the stream fails midway, before the error
+        # is printed; a failed stream that printed nothing leaves stdout empty.
+        if not as_json and not ended_line and (printed or finished):
             out.write("\n")
             out.flush()
     return last
+
+
+def _text_line(text: str) -> str:
+    """Generated text as printed: ending with one newline (its own, or an added one)."""
+    return text if text.endswith("\n") else text + "\n"
 
 
 def main(

@@ -203,11 +203,11 @@ def test_generate_seed_and_logprobs(client):
 def test_generate_command_streams(client, target):
     whole = client.generate(PROMPT, max_new_tokens=12)
     code, out, err = run("--target", target, "generate", PROMPT, "--max-new-tokens", "12")
-    assert code == 0 and err == "" and out == whole.text + "\n"
+    assert code == 0 and err == "" and out == cli._text_line(whole.text)
     code, out, _ = run("--target", target, "generate", PROMPT, "--max-new-tokens", "12", "--no-stream")
-    assert code == 0 and out == whole.text + "\n"
+    assert code == 0 and out == cli._text_line(whole.text)
     code, out, _ = run("--target", target, "generate", "-", "--max-new-tokens", "12", stdin=PROMPT)
-    assert code == 0 and out == whole.text + "\n"
+    assert code == 0 and out == cli._text_line(whole.text)
 
 
 def test_generate_command_prints_each_piece_as_it_arrives(client, target):
@@ -260,15 +260,18 @@ def test_generate_command_stats(target):
 
 
 def test_generate_stop_sequence(client, target):
-    whole = client.generate(PROMPT, max_new_tokens=24)
-    # A stop sequence taken from the greedy output itself: generation must end before it, its text withheld.
-    text = whole.text
-    assert len(text) >= 4
-    stop = text[len(text) // 2 : len(text) // 2 + 2]
-    stopped = client.generate(PROMPT, max_new_tokens=24, stop=[stop])
+    # Sampled with a seed (the same seed, the same tokens): the quick model's greedy text is one repeated
+    # character, which offers no stop sequence with text before it.
+    kw = {"max_new_tokens": 24, "temperature": 1.0, "seed": 11}
+    text = client.generate(PROMPT, **kw).text
+    # A stop sequence from the output itself, whose first occurrence has text before it.
+    stop = next((text[i : i + 2] for i in range(1, len(text) - 1) if text.index(text[i : i + 2]) == i), None)
+    assert stop, f"no usable stop sequence in {text!r}"
+    stopped = client.generate(PROMPT, **kw, stop=[stop])
     assert stopped.finish_reason is FinishReason.STOP and stopped.text == text[: text.index(stop)]
-    code, out, _ = run("--target", target, "generate", PROMPT, "--max-new-tokens", "24", "--stop", stop)
-    assert code == 0 and out == stopped.text + "\n"
+    flags = ["--max-new-tokens", "24", "--temperature", "1", "--seed", "11", "--stop", stop]
+    code, out, _ = run("--target", target, "generate", PROMPT, *flags)
+    assert code == 0 and out == cli._text_line(stopped.text)
 
 
 @pytest.mark.parametrize(

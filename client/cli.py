@@ -349,7 +349,13 @@ def run_models(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def run_health(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    status = client.health(args.service)
+    try:
+        status = client.health(args.service)
+    except ServerError as e:
+        if e.code == grpc.StatusCode.NOT_FOUND and not e.details:
+            # The standard health service answers a service it does not know with a bare NOT_FOUND.
+            raise ServerError(e.code, f"the server has no health service {args.service!r}") from e
+        raise
     print(to_json({"service": args.service, "status": status}) if args.json else status, file=out)
     return EXIT_OK if status == "SERVING" else EXIT_FAILED
 

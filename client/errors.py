@@ -27,4 +27,5 @@ class ServerError(Exception):
         details = error.details() if hasattr(error, "details") else None
         if not isinstance(code, grpc.StatusCode):
             code = grpc.StatusCode.UNKNOWN
-        return cls(code, details or str(error))
+        # No fallback to str(error): for a call it is a multi-line repr, not a message.
+        return cls(code, details or "")

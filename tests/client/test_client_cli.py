@@ -277,3 +277,42 @@ def test_a_stream_that_fails_midway_ends_its_line_before_the_error():
     with pytest.raises(ServerError):
         cli._print_stream(failing(), as_json=False, out=out)
     assert out.getvalue() == "Hel\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `health` against the standard health service (grpcio-health-checking's, as the server uses), in process
+
+
+@pytest.fixture
+def health_service() -> Iterator[tuple[str, object]]:
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    servicer = health.HealthServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        server.stop(None)
+
+
+def test_health_exit_code_is_0_only_when_serving(health_service):
+    from grpc_health.v1 import health_pb2
+
+    target, servicer = health_service
+    status = health_pb2.HealthCheckResponse.ServingStatus
+    servicer.set("", status.SERVING)
+    servicer.set("docgpt", status.NOT_SERVING)
+    assert run("--target", target, "health") == (0, "SERVING\n", "")
+    assert run("--target", target, "health", "docgpt") == (1, "NOT_SERVING\n", "")
+    code, out, _ = run("--target", target, "health", "docgpt", "--json")
+    assert code == 1 and json.loads(out) == {"service": "docgpt", "status": "NOT_SERVING"}
+    servicer.enter_graceful_shutdown()  # what the server does on SIGTERM
+    assert run("--target", target, "health") == (1, "NOT_SERVING\n", "")
+    # The standard service answers an unknown name with a bare NOT_FOUND; the CLI says what it means.
+    code, out, err = run("--target", target, "health", "unknown-model")
+    assert (code, out, err) == (1, "", "error: NOT_FOUND: the server has no health service 'unknown-model'\n")

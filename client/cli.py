@@ -336,7 +336,7 @@ def _read_lines(stdin: TextIO) -> list[str]:
 
 
 def run_models(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    if args.name:
+    if args.name is not None:
         model = client.get_model(args.name)
         print(to_json(model.to_dict()) if args.json else format_models([model]), file=out)
         return EXIT_OK

@@ -105,7 +105,9 @@ async def serve(
     if grpc_port == 0:
         if httpd is not None:
             httpd.shutdown()
-        raise StartupError(f"--port {settings.port}: cannot listen on {settings.host}:{settings.port} (in use?)")
+        raise StartupError(
+            f"--port {settings.port}: cannot listen on {settings.host}:{settings.port} (in use?)"
+        )
     await server.start()
     log.info(
         "gRPC on %s:%d, metrics on port %d; loading %d models",

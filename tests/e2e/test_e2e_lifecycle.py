@@ -218,4 +218,3 @@ def test_variant_in_use_is_reported(models, variant):
             )
         assert stub.Classify(pb.ClassifyRequest(texts=["good"]), timeout=30).results
         assert stub.Generate(gen_request(4), timeout=30).usage.generated_tokens >= 1
-

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 class AsyncClient:
     """An asyncio client of an nlpserve server, on `grpc.aio`.
 
-    The same methods as `Client`, as coroutines; `generate_stream` is an async iterator. Create it inside the
-    event loop that uses it, and close it with `await close()` or `async with`.
+    The same methods as `Client`, as coroutines; `generate_stream` is an async iterator. The channel opens at
+    the first call, in the event loop that makes it (so the client may be created before the loop runs); use
+    the client in that loop only, and close it with `await close()` or `async with`.
 
     Example:
         >>> from client import AsyncClient
@@ -50,15 +51,34 @@ class AsyncClient:
         self.target = target
         self.timeout = timeout
         self._own_channel = channel is None
-        self._channel = (
-            channel if channel is not None else grpc.aio.insecure_channel(target, options=list(options))
-        )
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._health_check = self._channel.unary_unary(
+        self._options = list(options)
+        self._channel: grpc.aio.Channel | None = None
+        if channel is not None:
+            self._connect(channel)
+
+    def _connect(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._inference = pb_grpc.InferenceServiceStub(channel)
+        self._health = channel.unary_unary(
             req.HEALTH_CHECK_METHOD,
             request_serializer=req.HealthCheckRequest.SerializeToString,
             response_deserializer=req.HealthCheckResponse.FromString,
         )
+
+    def _connected(self) -> None:
+        # A grpc.aio channel belongs to the event loop it is created in: create it in the running loop.
+        if self._channel is None:
+            self._connect(grpc.aio.insecure_channel(self.target, options=self._options))
+
+    @property
+    def _stub(self) -> pb_grpc.InferenceServiceStub:
+        self._connected()
+        return self._inference
+
+    @property
+    def _health_check(self) -> grpc.aio.UnaryUnaryMultiCallable:
+        self._connected()
+        return self._health
 
     async def __aenter__(self) -> Self:
         return self
@@ -68,8 +88,9 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Closes the channel (unless it was passed in); calls in flight are cancelled."""
-        if self._own_channel:
+        if self._own_channel and self._channel is not None:
             await self._channel.close()
+            self._channel = None
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is req.USE_CLIENT_TIMEOUT else timeout

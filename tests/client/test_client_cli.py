@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
@@ -143,6 +144,33 @@ def test_an_unreachable_server_is_named_in_the_error(closed_target):
 def test_every_command_fails_cleanly_when_the_server_is_unreachable(closed_target, argv):
     code, out, err = run("--target", closed_target, *argv)
     assert code == 1 and out == "" and err.startswith("error: UNAVAILABLE: ") and err.count("\n") == 1
+
+
+@pytest.fixture
+def silent_target() -> Iterator[str]:
+    """A port that accepts connections and never answers: every call waits for its deadline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_passed_deadline_is_deadline_exceeded(silent_target):
+    from client import AsyncClient, Client
+
+    with Client(silent_target, timeout=0.2) as c, pytest.raises(ServerError) as info:
+        list(c.generate_stream("Once"))
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def use_async() -> None:
+        async with AsyncClient(silent_target) as c:
+            await c.classify(["x"], timeout=0.2)
+
+    with pytest.raises(ServerError) as info:
+        asyncio.run(use_async())
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    code, out, err = run("--target", silent_target, "--timeout", "0.2", "classify", "hi")
+    assert (code, out, err) == (1, "", "error: DEADLINE_EXCEEDED: Deadline Exceeded\n")
 
 
 def test_target_from_the_environment(closed_target, monkeypatch):

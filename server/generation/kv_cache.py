@@ -10,6 +10,9 @@ of the whole running batch as they come out of ONNX Runtime and feed them back a
 - leading columns that no remaining row attends to are trimmed, so the past never outgrows the longest
   live sequence.
 
+With IO binding (CUDA), the arrays stay on the device as ONNX Runtime ``OrtValue``s from step to step; they
+come back to the host only when the batch changes (select, join), the one time they must be rearranged.
+
 Why not a preallocated cache: with this graph, ONNX Runtime allocates ``present`` anew each step anyway
 (the concatenation is inside the graph), so a preallocated buffer would add a copy rather than save one.
 Sharing one buffer between past and present needs a different graph (onnxruntime-genai's
@@ -20,6 +23,7 @@ copy the cache, but only when the batch changes, not at every step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,14 +51,21 @@ class KVCache:
     def length(self) -> int:
         return self.mask.shape[1]
 
+    def on_host(self) -> KVCache:
+        """The same cache with every array in host memory (a device ``OrtValue`` is copied back)."""
+        return KVCache([_host(k) for k in self.keys], [_host(v) for v in self.values], self.mask)
+
     def select(self, rows: Sequence[int]) -> KVCache:
         """Keeps only `rows` (in that order), then trims the columns no kept row attends to."""
+        if len(rows) == self.batch and list(rows) == list(range(self.batch)):
+            return self  # nothing leaves: keep the arrays where they are (on the device with IO binding)
+        host = self.on_host()
         idx = np.asarray(rows, dtype=np.int64)
-        mask = self.mask[idx]
+        mask = host.mask[idx]
         attended = mask.any(axis=0)
         start = int(attended.argmax()) if attended.any() else mask.shape[1]
         return KVCache(
-            [k[idx, :, start:] for k in self.keys], [v[idx, :, start:] for v in self.values], mask[:, start:]
+            [k[idx, :, start:] for k in host.keys], [v[idx, :, start:] for v in host.values], mask[:, start:]
         )
 
     @staticmethod
@@ -64,6 +75,7 @@ class KVCache:
             return b
         if b.batch == 0:
             return a
+        a, b = a.on_host(), b.on_host()
         length = max(a.length, b.length)
         return KVCache(
             [np.concatenate([_left_pad(x, length), _left_pad(y, length)]) for x, y in zip(a.keys, b.keys)],
@@ -73,6 +85,10 @@ class KVCache:
             ],
             np.concatenate([_left_pad_mask(a.mask, length), _left_pad_mask(b.mask, length)]),
         )
+
+
+def _host(x: Any) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.numpy()  # an onnxruntime.OrtValue
 
 
 def _left_pad(x: np.ndarray, length: int) -> np.ndarray:

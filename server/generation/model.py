@@ -109,7 +109,7 @@ class GeneratorModel:
         for i in range(self.num_layers):
             feeds[f"past_key_values.{i}.key"] = past.keys[i]
             feeds[f"past_key_values.{i}.value"] = past.values[i]
-        outputs = self.session.run(self.output_names, feeds)
+        outputs = self.session.run(self.output_names, feeds, keep=self.present_names)
         logits = outputs[0][:, -1, :]
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)

@@ -37,3 +37,24 @@ def test_join_left_pads_the_shorter_past():
 def test_empty_cache_has_zero_length():
     e = KVCache.empty(num_layers=3, batch=2, num_heads=4, head_size=8, dtype=np.float32)
     assert e.length == 0 and e.batch == 2 and len(e.keys) == 3 and e.keys[0].shape == (2, 4, 0, 8)
+
+
+def test_keeping_every_row_keeps_the_arrays_where_they_are():
+    c = cache([[1, 1], [0, 1]])
+    assert c.select([0, 1]) is c
+
+
+def test_device_values_come_back_to_the_host_when_the_batch_changes():
+    import onnxruntime as ort
+
+    c = cache([[1, 1, 1], [0, 1, 1]])
+    on_device = KVCache(
+        [ort.OrtValue.ortvalue_from_numpy(k) for k in c.keys],
+        [ort.OrtValue.ortvalue_from_numpy(v) for v in c.values],
+        c.mask,
+    )
+    s = on_device.select([1])
+    assert isinstance(s.keys[0], np.ndarray) and s.mask.tolist() == [[1, 1]]
+    np.testing.assert_array_equal(s.keys[0], c.select([1]).keys[0])
+    j = KVCache.join(on_device, cache([[1]]))
+    np.testing.assert_array_equal(j.values[1], KVCache.join(c, cache([[1]])).values[1])

@@ -9,6 +9,7 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -292,3 +293,30 @@ def test_a_failing_step_fails_only_its_own_sequences(generator):
     finally:
         generator.decode = real_decode
         s.close(10)
+
+
+def test_io_binding_path_gives_the_same_tokens(generator, generator_config):
+    # The IO binding path (CUDA's) forced on the CPU: the cache stays in OrtValues between steps and comes
+    # back to the host when sequences join or leave. Same tokens as the plain path, alone and batched.
+    from server.config import Device
+    from server.generation.model import GeneratorModel
+    from server.runtime import Session
+
+    bound = GeneratorModel(
+        generator_config, Session(generator_config.model_file("fp32")[1], Device.CPU, io_binding=True)
+    )
+    assert bound.session.io_binding
+    _, cache = bound.prefill([bound.tokenizer.encode(PROMPTS[0]).ids])
+    assert not isinstance(cache.keys[0], np.ndarray)  # an OrtValue, fed back as it is
+    requests = [
+        (p, {"max_new_tokens": 8 + 4 * i, "temperature": 0.9, "seed": i}) for i, p in enumerate(PROMPTS)
+    ]
+    outputs = []
+    for model in (generator, bound):
+        s = GenerationScheduler(model, max_active_sequences=3, max_queue_size=8)
+        s.start()
+        try:
+            outputs.append([o.token_ids for o in run_together(s, requests)])
+        finally:
+            s.close(10)
+    assert outputs[0] == outputs[1]

@@ -94,3 +94,20 @@ def test_validation_names_the_field(classifier, texts, field):
     with pytest.raises(InvalidInput) as exc:
         classifier.validate(ClassifyRequest("m", texts))
     assert exc.value.field == field
+
+
+def test_io_binding_path_gives_the_same_results(classifier, classifier_config):
+    # CUDA's IO binding path, forced on the CPU.
+    from server.classify import ClassifierModel
+    from server.config import Device
+    from server.runtime import Session
+
+    session = Session(classifier_config.model_file("fp32")[1], Device.CPU, io_binding=True)
+    bound = ClassifierModel(classifier_config, session, max_texts_per_request=16, max_batch_size=4)
+    plain = classifier.run([ClassifyRequest("m", tuple(TEXTS), return_embedding=classifier.has_embedding)])[0]
+    via_binding = bound.run([ClassifyRequest("m", tuple(TEXTS), return_embedding=classifier.has_embedding)])[
+        0
+    ]
+    for a, b in zip(plain, via_binding):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
+        assert a.embedding == pytest.approx(b.embedding) if a.embedding else b.embedding is None

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quick", action="store_true",
                         help="the quick plan on the tiny demo models (under 5 minutes on 2 cores)")
     common.add_argument("--models", type=Path,
-                        help="the demo model repository (default: models/ when built, else built into .cache/)")
+                        help="the demo model repository (default: models/ when built, else built into .cache/; with --quick, "
+                        "the quick models built into .cache/)")
     common.add_argument("--sizes", choices=["demo", "sized", "both"],
                         help="full plan: the demo models, the BERT-base/GPT-2-small-sized ones, or both (default)")
     common.add_argument("--data", type=Path, help="shared data folder (default: ../shared/data when present)")
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # PyTorch's OpenMP threads spin while they wait for each other; on a busy machine a descheduled peer makes
+    # every parallel region wait a time slice (measured here: 50x slower). ONNX Runtime is run without spinning
+    # too, as the server runs it. Set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         results = run(args)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
@@ -82,27 +87,32 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # Heavy imports after logging is set up (and after --help, which needs none of them).
     from bench import machine, models, report, suite
-    from bench.data import load_texts
+    from bench.data import load_texts, long_texts
 
     started = time.perf_counter()
     info = machine.machine_info()
-    plan = suite.QUICK if args.quick else suite.FULL
+    plan = suite.QUICK if args.quick else suite.GPU if args.device == "cuda" else suite.FULL
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     texts = load_texts(args.data)
+    if plan is suite.GPU:
+        texts = dataclasses.replace(texts, sentences=long_texts(texts.sentences),
+                                    source=texts.source + ", joined into texts of 160+ words (128 tokens)")
     threads = args.threads or info["cpus_usable"]
     ctx = suite.Context(plan=plan, texts=texts, threads=threads, device=args.device, variant=args.variant)
 
     # (repository, classifier, generator) per model size
     sets: list[tuple[Path, str, str]] = []
     if args.quick:
-        sets.append((models.quick_repository(args.rebuild_models), "sentiment", "docgpt"))
+        repo = args.models or models.quick_repository(args.rebuild_models)
+        sets.append((repo, "sentiment", "docgpt"))
     else:
         sizes = args.sizes or "both"
         if sizes in ("demo", "both"):
             sets.append((models.demo_repository(args.models, args.rebuild_models), "sentiment", "docgpt"))
         if sizes in ("sized", "both"):
-            sets.append((models.sized_repository(args.rebuild_models), models.BERT_BASE, models.GPT2_SMALL))
+            sets.append((models.sized_repository(args.rebuild_models, args.variant), models.BERT_BASE,
+                         models.GPT2_SMALL))
 
     notes = [NOISE_NOTE]
     if args.command != "baseline":
@@ -119,7 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": info,
         "machine_slug": machine.machine_slug(info),
         "plan": suite.plan_dict(plan),
-        "settings": {"device": args.device, "variant": args.variant, "intra_op_threads": threads},
+        "settings": {"device": args.device, "variant": args.variant, "intra_op_threads": threads,
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "texts": texts.source,
         "notes": notes,
     }
@@ -128,18 +139,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["baselines"] = {}
             for repo, clf, gen in sets:
                 results["baselines"] |= suite.bench_baselines(ctx, repo, clf, None if args.no_torch else gen)
+        # The profiles (command `all`) are taken on the first model set's servers, after their measurements.
+        profile = args.command == "all" and not args.no_profile
+        profiles = {}
         if args.command in ("classify", "all"):
-            results["classification"] = {clf: suite.bench_classifier(ctx, repo, clf) for repo, clf, _ in sets}
+            results["classification"] = {}
+            for i, (repo, clf, _) in enumerate(sets):
+                results["classification"][clf] = suite.bench_classifier(ctx, repo, clf, profile=profile and i == 0)
+                if "profile" in results["classification"][clf]:
+                    profiles["classify"] = results["classification"][clf].pop("profile")
         if args.command in ("generate", "all"):
-            results["generation"] = {gen: suite.bench_generator(ctx, repo, gen, with_torch=not args.no_torch)
-                                     for repo, _, gen in sets}
-        if args.command == "all" and not args.no_profile:
-            repo, clf, gen = sets[0]
-            try:
-                results["profiles"] = suite.profile_server(ctx, repo, clf, gen)
-            except (OSError, RuntimeError) as e:  # py-spy may be refused (ptrace) on some machines
-                logger.warning("profiling failed: %s", e)
-                results["profiles"] = {"classify": {"error": str(e)}}
+            results["generation"] = {}
+            for i, (repo, _, gen) in enumerate(sets):
+                results["generation"][gen] = suite.bench_generator(
+                    ctx, repo, gen, with_torch=not args.no_torch, profile=profile and i == 0)
+                if "profile" in results["generation"][gen]:
+                    profiles["generate"] = results["generation"][gen].pop("profile")
+        if profiles:
+            results["profiles"] = profiles
     finally:
         ctx.runner.close()
     results["comparisons"] = ctx.comparisons

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +128,15 @@ def load_texts(data: Path | None = None, count: int = 2000, seed: int = 0) -> Te
     rng.shuffle(prompts)
     logger.info("texts: %s", "; ".join(sources))
     return Texts(sentences=sentences[:count], prompts=prompts[:count], source="; ".join(sources))
+
+
+def long_texts(sentences: Sequence[str], min_words: int = 160) -> list[str]:
+    """Texts of at least `min_words` words, made of consecutive sentences: a classifier truncates them to its
+    maximum sequence length, so every text has that many tokens (the GPU runs measure at sequence length 128)."""
+    texts, current = [], []
+    for sentence in sentences:
+        current.append(sentence)
+        if sum(len(s.split()) for s in current) >= min_words:
+            texts.append(" ".join(current))
+            current = []
+    return texts or [" ".join(sentences)]

@@ -68,13 +68,17 @@ class ModelFiles:
 
 
 def ort_session(path: Path, threads: int, device: str = "cpu") -> Any:
-    """An ONNX Runtime session set up as the server sets up its own: the same intra-op threads, all graph
-    optimizations, the CUDA provider first when asked for."""
+    """An ONNX Runtime session set up as the server sets up its own (server/runtime.py): the same intra-op threads,
+    no spinning, all graph optimizations, the CUDA provider first when asked for. The comparison measures what
+    the server adds around the same runtime, not a difference of settings."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    if threads:
+        options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Spinning threads waste the CPU that the other side (and, on a shared machine, other jobs) needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
@@ -86,9 +90,14 @@ def ort_session(path: Path, threads: int, device: str = "cpu") -> Any:
 
 
 def _tokenizer(model: ModelFiles) -> Any:
+    """The model's tokenizer, without the padding or truncation a tokenizer.json may carry (each caller sets its
+    own: a prompt padded to 128 tokens would measure another workload)."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(model.folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(model.folder / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- classifier
@@ -168,6 +177,18 @@ class Decoder:
         self.dtype = np.float16 if "float16" in past_type else np.float32
         self.pad = model.config["special_tokens"].get("pad") or 0
         self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def fitting(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """The prompts that leave room for `max_new_tokens` in the context (the server refuses the others), each
+        cut to its first words if none would fit."""
+        room = self.context - max_new_tokens - 1  # one spare token: a server may prepend BOS
+        fit = [p for p in prompts if len(self.tokenizer.encode(p).ids) <= room]
+        if not fit:
+            fit = [" ".join(p.split()[:8]) for p in prompts]
+            fit = [p for p in fit if len(self.tokenizer.encode(p).ids) <= room]
+        if not fit:
+            raise ValueError(f"{self.model.name}: no prompt fits its context with {max_new_tokens} new tokens")
+        return fit
 
     def encode(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
         keep = self.context - max_new_tokens

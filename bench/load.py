@@ -300,7 +300,7 @@ async def generate_closed_loop(
     """`streams` clients each open a GenerateStream as soon as their previous one ended.
 
     Aggregate tokens/s counts the tokens that arrived inside the window; time to first token is that of the
-    streams sent inside it; inter-token latency is the gap before each token-bearing message, shared among the
+    streams whose first token arrived inside it (so that streams queued behind others count); inter-token latency is the gap before each token-bearing message, shared among the
     tokens it carries; per-stream tokens/s is generated tokens over the stream's whole time, for the streams
     that ended inside the window. Streams still open when the window closes are cancelled.
     """
@@ -348,6 +348,7 @@ def _generation_point(
     ttft: list[float] = []
     itl: list[float] = []
     per_stream: list[float] = []
+    generated: list[int] = []
     codes: Counter[str] = Counter()
     for r in records:
         for i, (t, n) in enumerate(zip(r.arrivals, r.tokens)):
@@ -355,12 +356,13 @@ def _generation_point(
                 tokens_in_window += n
                 if i > 0:
                     itl.extend([(t - r.arrivals[i - 1]) / n] * n)
-        if state.inside(r.sent) and r.arrivals:
+        if r.arrivals and state.inside(r.arrivals[0]):
             ttft.append(r.arrivals[0] - r.sent)
         if r.done is not None and state.inside(r.done) and r.code != "CANCELLED":
             codes[r.code] += 1
             if r.code == "OK" and r.tokens:
                 per_stream.append(sum(r.tokens) / (r.done - r.sent))
+                generated.append(sum(r.tokens))
     return {
         "streams": streams,
         "window_s": round(seconds, 3),
@@ -370,6 +372,8 @@ def _generation_point(
         "ttft_ms": latency_summary(ttft),
         "itl_ms": latency_summary(itl),
         "per_stream_tokens_per_s": round(sum(per_stream) / len(per_stream), 2) if per_stream else None,
+        # fewer than max_new_tokens when a stream ended on its end-of-sequence token
+        "mean_generated_tokens": round(sum(generated) / len(generated), 2) if generated else None,
         "mean_batch_size": histogram_mean(before, after, "nlpserve_batch_size", model=model, method="Generate"),
         "load_average": round(os.getloadavg()[0], 2),
     }

@@ -3,6 +3,7 @@ a git-ignored cache, `.cache/bench-models/`, once; a later run reuses them."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -44,9 +45,22 @@ def _export(args: list[str], out: Path, timeout: float = 3600) -> None:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise BuildError(f"python -m export {' '.join(args)} failed: {' | '.join(tail)}")
     logger.info("built %s in %.0f s", out, time.perf_counter() - t0)
+    if args[0] != "demo":
+        _check_name(tmp, out.name)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     staging.rmdir()
+
+
+def _check_name(model: Path, name: str) -> None:
+    """The model's config must carry its folder's name (an exporter that staged its output elsewhere wrote the
+    staging folder's name into config.json: corrected here, with a warning)."""
+    for config_path in model.glob("*/config.json"):
+        config = json.loads(config_path.read_text())
+        if config.get("name") != name:
+            logger.warning("%s: the exporter named the model %r; corrected to %r", config_path, config.get("name"), name)
+            config["name"] = name
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def has_model(repository: Path, name: str) -> bool:
@@ -75,16 +89,27 @@ def demo_repository(models: Path | None = None, rebuild: bool = False) -> Path:
     return repo
 
 
-def sized_repository(rebuild: bool = False) -> Path:
+def sized_repository(rebuild: bool = False, variant: str = "fp32") -> Path:
     """A BERT-base-sized classifier (12 layers, hidden 768) and a GPT-2-small-sized generator (12 layers, hidden
     768, GPT-2's 50,257-token vocabulary and 1,024 positions: 124M parameters), random weights (speed does not
     depend on them), exported by the project's exporter."""
     repo = CACHE / "sized"
-    if rebuild or not has_model(repo, BERT_BASE):
-        _export(CLASSIFIER_ARGS, repo / BERT_BASE)
-    if rebuild or not has_model(repo, GPT2_SMALL):
-        _export(GENERATOR_ARGS, repo / GPT2_SMALL)
+    extra = [] if variant == "fp32" else [VARIANT_FLAGS[variant]]
+    for name, args in ((BERT_BASE, CLASSIFIER_ARGS), (GPT2_SMALL, GENERATOR_ARGS)):
+        if rebuild or not has_model(repo, name) or not has_variant(repo, name, variant):
+            _export([*args, *extra], repo / name)
     return repo
+
+
+VARIANT_FLAGS = {"fp16": "--fp16", "int8": "--int8", "opt": "--optimize"}
+
+
+def has_variant(repository: Path, name: str, variant: str) -> bool:
+    """Whether the built model has the variant's file (the exporter writes only the variants asked for)."""
+    for config in (repository / name).glob("*/config.json"):
+        if variant in json.loads(config.read_text()).get("onnx", {}).get("variants", {}):
+            return True
+    return False
 
 
 CLASSIFIER_ARGS = [

@@ -24,15 +24,21 @@ def py_spy() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-def start_recording(pid: int, seconds: float, output: Path, rate: int = 100) -> subprocess.Popen[bytes]:
-    """Starts py-spy on `pid` for `seconds`; --nonblocking so that sampling does not pause the server (the
-    figures under load stay honest), --function so that samples add up per function, not per line."""
+def start_recording(
+    pid: int, seconds: float, output: Path, rate: int = 100, native: bool = False
+) -> subprocess.Popen[bytes]:
+    """Starts py-spy on `pid` for `seconds`, samples summed per function (--function), not per line.
+
+    By default --nonblocking: the server runs undisturbed. `native` also records C/C++ frames, but py-spy must
+    then pause the process for every sample (throughput fell about fivefold here) and counts threads blocked in
+    epoll/futex as busy, so it is off: C work shows under the Python frame that called it (gRPC's Cython core
+    under asyncio's `Handle._run`, ONNX Runtime under `InferenceSession.run`)."""
     exe = py_spy()
     if exe is None:
         raise FileNotFoundError("py-spy is not installed (pip install -e '.[bench]')")
     command = [
         exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", str(rate),
-        "--format", "raw", "--function", "--nonblocking", "--output", str(output),
+        "--format", "raw", "--function", "--output", str(output), "--native" if native else "--nonblocking",
     ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -64,12 +70,31 @@ def package_of(file: str) -> str:
     return path
 
 
+# Leaf frames of a thread that waits rather than works. py-spy skips threads the kernel reports as sleeping, but a
+# thread sampled as it enters or leaves a wait still lands here; they are counted apart from the costs.
+WAITING = {
+    ("select", "selectors.py"),
+    ("EpollSelector.select", "selectors.py"),
+    ("_worker", "concurrent/futures/thread.py"),
+    ("Thread.run", "threading.py"),
+    ("Condition.wait", "threading.py"),
+    ("Event.wait", "threading.py"),
+    ("Thread._wait_for_tstate_lock", "threading.py"),
+}
+
+
+def _is_waiting(function: str, file: str) -> bool:
+    return any(function == f and file.endswith(suffix) for f, suffix in WAITING)
+
+
 def summarize(raw: str, top: int = 15) -> dict[str, Any]:
-    """Sums py-spy's raw samples: the share inside ONNX Runtime (a stack that reaches onnxruntime's `run`), and
-    outside it the top functions by self time (the leaf frame) and by total time (anywhere on the stack), and
-    self time by package. Shares are of all samples taken while a thread was busy."""
+    """Sums py-spy's raw samples: the share inside ONNX Runtime (a stack that reaches onnxruntime's `run`), the
+    share waiting (WAITING leaves), and for the rest, the top functions by self time (the leaf frame: C code
+    called from Python counts to its caller) and by total time (anywhere on the stack), and self time by package.
+    Shares are of all samples py-spy took (threads it saw busy)."""
     total = 0
     in_ort = 0
+    waiting = 0
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     by_package: Counter[str] = Counter()
@@ -90,6 +115,9 @@ def summarize(raw: str, top: int = 15) -> dict[str, Any]:
         if any("onnxruntime" in file for _, file in frames):
             in_ort += count
             continue
+        if _is_waiting(*frames[-1]):
+            waiting += count
+            continue
         names = [f"{function} ({package_of(file)})" for function, file in frames]
         self_time[names[-1]] += count
         by_package[package_of(frames[-1][1])] += count
@@ -102,7 +130,8 @@ def summarize(raw: str, top: int = 15) -> dict[str, Any]:
     return {
         "samples": total,
         "onnxruntime_percent": round(100.0 * in_ort / total, 1) if total else None,
-        "outside_onnxruntime_percent": round(100.0 * (total - in_ort) / total, 1) if total else None,
+        "waiting_percent": round(100.0 * waiting / total, 1) if total else None,
+        "outside_onnxruntime_percent": round(100.0 * (total - in_ort - waiting) / total, 1) if total else None,
         "top_self": share(self_time) if total else [],
         "top_total": share(inclusive) if total else [],
         "by_package": share(by_package) if total else [],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -146,15 +147,17 @@ def _generation_md(name: str, g: dict[str, Any]) -> list[str]:
         for streams, p in points.items():
             if label == "inprocess":
                 rows.append([streams, "in-process decode loop", p["tokens_per_s"], p["ttft_ms"]["p50"],
-                             p["ttft_ms"]["p99"], "-", "-", p["per_stream_tokens_per_s"], streams])
+                             p["ttft_ms"]["p99"], "-", "-", p["per_stream_tokens_per_s"], streams,
+                             p["max_new_tokens"]])
             else:
                 rows.append([streams, {"continuous": "server, continuous batching",
                                        "single": "server, max_active_sequences=1"}[label],
                              p["tokens_per_s"], p["ttft_ms"]["p50"], p["ttft_ms"]["p99"], p["itl_ms"]["p50"],
-                             p["itl_ms"]["p99"], p["per_stream_tokens_per_s"], p["mean_batch_size"]])
+                             p["itl_ms"]["p99"], p["per_stream_tokens_per_s"], p["mean_batch_size"],
+                             p.get("mean_generated_tokens")])
     rows.sort(key=lambda row: int(row[0]))
     lines += _table(["streams", "side", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
-                     "per-stream tokens/s", "mean batch"], rows)
+                     "per-stream tokens/s", "mean batch", "tokens/stream"], rows)
     if g.get("torch_no_cache"):
         t = g["torch_no_cache"]
         lines += [(f"PyTorch without KV cache, one request at a time: {_f(t['tokens_per_s'])} tokens/s, "
@@ -185,9 +188,10 @@ def _profiles_md(profiles: dict[str, Any]) -> list[str]:
         if "error" in p:
             lines += [f"{kind}: not profiled ({p['error']}).", ""]
             continue
-        lines += [(f"**{kind}** on {p['model']}: {p['samples']} busy samples, {_f(p['onnxruntime_percent'])}% inside "
-                  f"ONNX Runtime, {_f(p['outside_onnxruntime_percent'])}% outside. Top costs outside ONNX Runtime "
-                  "(self time, % of busy samples):"), ""]
+        lines += [(f"**{kind}** on {p['model']}: {p['samples']} samples, {_f(p['onnxruntime_percent'])}% inside "
+                  f"ONNX Runtime, {_f(p.get('waiting_percent'))}% waiting (select, idle workers), "
+                  f"{_f(p['outside_onnxruntime_percent'])}% working outside ONNX Runtime. Top costs outside ONNX "
+                  "Runtime (self time: C code counts to the Python function that called it; % of all samples):"), ""]
         lines += _table(["function (where)", "%"], [[e["name"], e["percent"]] for e in p["top_self"][:10]])
         lines += _table(["package", "%"], [[e["name"], e["percent"]] for e in p["by_package"][:8]])
     return lines
@@ -198,6 +202,15 @@ def _codes(codes: dict[str, int]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- plots
+
+
+def _log2_x(ax: Any, values: list[int]) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(values))))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
 
 
 def write_plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:
@@ -232,9 +245,9 @@ def write_plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, 
                             label={"batch1": "server, max_batch_size=1", "fixed": "server, fixed delay"}[label])
             limit = [r["inprocess"]["sequences_per_s"] for r in c.get("rounds", [])]
             if limit:
-                ax.axhline(sorted(limit)[len(limit) // 2], color="grey", ls="--",
+                ax.axhline(statistics.median(limit), color="grey", ls="--",
                            label=f"in-process ORT, batch {c['inprocess_best_batch_size']}")
-            ax.set_xscale("log", base=2)
+            _log2_x(ax, [p["concurrency"] for p in sweep])
             ax.set_xlabel("concurrent clients")
             ax.set_ylabel("sequences/s")
             ax.set_ylim(bottom=0)
@@ -248,7 +261,7 @@ def write_plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, 
             sweep = c["server_sweep"]
             for q in ("p50", "p90", "p99"):
                 ax.plot([p["concurrency"] for p in sweep], [p["latency_ms"][q] for p in sweep], "o-", label=q)
-            ax.set_xscale("log", base=2)
+            _log2_x(ax, [p["concurrency"] for p in sweep])
             ax.set_yscale("log")
             ax.set_xlabel("concurrent clients")
             ax.set_ylabel("latency, ms")
@@ -264,11 +277,13 @@ def write_plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, 
                                 ("single", "server, max_active_sequences=1"),
                                 ("inprocess", "in-process ORT decode loop (batch = streams)")):
                 points = g["summary"].get(label, {})
+                if not points:
+                    continue
                 ax.plot([int(k) for k in points], [p["tokens_per_s"] for p in points.values()], "o-", label=text)
             if g.get("torch_no_cache"):
                 ax.axhline(g["torch_no_cache"]["tokens_per_s"], color="grey", ls="--",
                            label="PyTorch, no KV cache, one at a time")
-            ax.set_xscale("log", base=2)
+            _log2_x(ax, [int(k) for k in g["summary"].get("continuous", {})])
             ax.set_xlabel("concurrent streams")
             ax.set_ylabel("generated tokens/s (all streams)")
             ax.set_ylim(bottom=0)
@@ -284,7 +299,7 @@ def write_plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, 
             for field, q in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99")):
                 ax.plot(xs, [p[field][q] for p in points.values()], "o-",
                         label=f"{'TTFT' if field == 'ttft_ms' else 'ITL'} {q}")
-            ax.set_xscale("log", base=2)
+            _log2_x(ax, xs)
             ax.set_yscale("log")
             ax.set_xlabel("concurrent streams")
             ax.set_ylabel("ms")

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +48,17 @@ class Plan:
 QUICK = Plan(
     name="quick",
     rounds=2,
-    classify_window=load.Window(warmup_s=0.5, duration_s=1.5, min_requests=50, max_duration_s=5.0),
-    generate_window=load.Window(warmup_s=0.5, duration_s=2.0, min_requests=2, max_duration_s=6.0),
-    sweep_concurrency=(1, 4, 16, 64),
+    classify_window=load.Window(warmup_s=0.3, duration_s=1.0, min_requests=30, max_duration_s=4.0),
+    generate_window=load.Window(warmup_s=0.3, duration_s=1.5, min_requests=2, max_duration_s=5.0),
+    sweep_concurrency=(1, 8, 32),
     compare_concurrency=(1, 8, 32),
     inprocess_batches=(1, 4, 16),
-    inprocess_seconds=1.0,
-    open_loop_fractions=(0.5, 0.9),
+    inprocess_seconds=0.5,
+    open_loop_fractions=(0.5,),
     streams=(1, 4, 16),
     max_new_tokens=16,
-    decode_seconds=1.0,
-    profile_seconds=4.0,
+    decode_seconds=0.5,
+    profile_seconds=3.0,
 )
 
 FULL = Plan(
@@ -75,6 +75,17 @@ FULL = Plan(
     max_new_tokens=64,
     decode_seconds=5.0,
     profile_seconds=15.0,
+)
+
+
+# On a GPU (`--device cuda`): the issue's GPU matrix, BERT-base at sequence length 128 (long texts, truncated to
+# the model's 128 tokens), batch and concurrency 1/8/32; GPT-2-small at 1/16/64 streams.
+GPU = replace(
+    FULL,
+    name="gpu",
+    sweep_concurrency=(1, 8, 32, 64),
+    inprocess_batches=(1, 8, 32),
+    streams=(1, 16, 64),
 )
 
 
@@ -219,7 +230,9 @@ def median_point(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ classification
 
 
-def bench_classifier(ctx: Context, repository: Path, name: str, compare_batching: bool = True) -> dict[str, Any]:
+def bench_classifier(
+    ctx: Context, repository: Path, name: str, compare_batching: bool = True, profile: bool = False
+) -> dict[str, Any]:
     """The in-process limit and the server: a concurrency sweep, the limit comparison, the batching comparisons
     (with max_batch_size=1 and with the fixed-delay policy) at the compare concurrencies, and open-loop rates."""
     plan = ctx.plan
@@ -246,26 +259,29 @@ def bench_classifier(ctx: Context, repository: Path, name: str, compare_batching
             return lambda: ctx.run(load.classify_closed_loop(
                 srv.target, requests, concurrency, plan.classify_window, srv.metrics_url))
 
-        logger.info("%s: server concurrency sweep %s", name, plan.sweep_concurrency)
-        sweep = [closed("adaptive", c)() for c in plan.sweep_concurrency]
-        best = max(sweep, key=lambda p: p["sequences_per_s"])
-        best_concurrency = best["concurrency"]
-        result["server_sweep"] = sweep
-        result["server_best_concurrency"] = best_concurrency
-
-        rounds = []
+        # Every round: the adaptive server at every concurrency, the other configurations beside it (alternating)
+        # at the compare concurrencies, then the in-process loop and the server at its best concurrency so far,
+        # back to back. The sweep shown is the median of the rounds.
+        points = sorted(set(plan.sweep_concurrency) | set(plan.compare_concurrency if compare_batching else ()))
+        rounds: list[dict[str, Any]] = []
+        best_concurrency = points[0]
         for r in range(plan.rounds):
-            logger.info("%s: round %d of %d", name, r + 1, plan.rounds)
-            entry: dict[str, Any] = alternating(r, [
+            logger.info("%s: round %d of %d, concurrency %s", name, r + 1, plan.rounds, points)
+            entry: dict[str, Any] = {"configs": {}}
+            for c in points:
+                labels = list(configs) if compare_batching and c in plan.compare_concurrency else ["adaptive"]
+                entry["configs"][str(c)] = alternating(r + c, [(label, closed(label, c)) for label in labels])
+            rounds.append(entry)
+            sweep = [median_point([e["configs"][str(c)]["adaptive"] for e in rounds]) for c in points]
+            best_concurrency = int(max(sweep, key=lambda p: p["sequences_per_s"])["concurrency"])
+            entry |= alternating(r, [
                 ("inprocess", lambda: inprocess.measure_classifier(
                     classifier, sentences, best_batch, plan.classify_window.duration_s)),
                 ("server", closed("adaptive", best_concurrency)),
             ])
-            entry["configs"] = {}
-            for c in plan.compare_concurrency if compare_batching else ():
-                entry["configs"][str(c)] = alternating(r + c, [(label, closed(label, c)) for label in configs])
-            rounds.append(entry)
         result["rounds"] = rounds
+        result["server_sweep"] = [median_point([e["configs"][str(c)]["adaptive"] for e in rounds]) for c in points]
+        result["server_best_concurrency"] = best_concurrency
 
         compare(
             ctx, id=f"classify/{name}/server-vs-inprocess", group="classification: against the limit", model=name,
@@ -274,6 +290,7 @@ def bench_classifier(ctx: Context, repository: Path, name: str, compare_batching
             a_values=[r["server"]["sequences_per_s"] for r in rounds],
             b_values=[r["inprocess"]["sequences_per_s"] for r in rounds],
             target=0.8,
+            note="the server's best concurrency is chosen from the rounds' sweep medians so far",
         )
         summary: dict[str, dict[str, dict[str, Any]]] = {}
         for label in configs if compare_batching else ():
@@ -314,20 +331,24 @@ def bench_classifier(ctx: Context, repository: Path, name: str, compare_batching
                 point["fraction_of_peak"] = fraction
                 open_loop.append(point)
             result["open_loop"] = open_loop
+        if profile:
+            result["profile"] = profile_under_load(ctx, servers["adaptive"], "classify", name)
     return result
 
 
 # ---------------------------------------------------------------------------------------------- generation
 
 
-def bench_generator(ctx: Context, repository: Path, name: str, with_torch: bool = True) -> dict[str, Any]:
+def bench_generator(
+    ctx: Context, repository: Path, name: str, with_torch: bool = True, profile: bool = False
+) -> dict[str, Any]:
     """Continuous batching at each stream count against one active sequence, against the in-process KV-cache
     decode loop at the same batch size, and the PyTorch no-cache loop, all in the same rounds."""
     plan = ctx.plan
     model = inprocess.ModelFiles.find(repository, name)
-    prompts = ctx.texts.prompts
     tokens = plan.max_new_tokens
     decoder = inprocess.Decoder(model, ctx.variant, ctx.threads, ctx.device)
+    prompts = decoder.fitting(ctx.texts.prompts, tokens)
     torch_loop = inprocess.TorchNoCache(model, ctx.threads) if with_torch else None
     result: dict[str, Any] = {"model": model.summary(), "max_new_tokens": tokens}
     configs = {
@@ -361,6 +382,8 @@ def bench_generator(ctx: Context, repository: Path, name: str, with_torch: bool 
                     torch_loop, prompts, tokens, plan.decode_seconds)
             rounds.append(entry)
         result["rounds"] = rounds
+        if profile:
+            result["profile"] = profile_under_load(ctx, servers["continuous"], "generate", name)
     result["summary"] = {
         label: {str(s): median_point([r["streams"][str(s)][label] for r in rounds]) for s in plan.streams}
         for label in ("continuous", "single", "inprocess")
@@ -432,38 +455,35 @@ def bench_baselines(ctx: Context, repository: Path, classifier: str | None, gene
 # ------------------------------------------------------------------------------------------------- profile
 
 
-def profile_server(ctx: Context, repository: Path, classifier: str | None, generator: str | None) -> dict[str, Any]:
-    """py-spy on a loaded server: classification at concurrency 32, generation at 16 streams."""
+def profile_under_load(ctx: Context, srv: Any, kind: str, name: str) -> dict[str, Any]:
+    """py-spy on a server under load (classification at concurrency 32, generation at 16 streams): the share of
+    its time inside ONNX Runtime and the top costs outside it."""
     seconds = ctx.plan.profile_seconds
     window = load.Window(warmup_s=1.0, duration_s=seconds + 1.0, min_requests=0, max_duration_s=seconds + 1.0)
-    result: dict[str, Any] = {}
-    for kind, name in (("classify", classifier), ("generate", generator)):
-        if not name:
-            continue
-        extra = ["--max-active-sequences", "16"] if kind == "generate" else []
-        with serving(ctx, repository, name, {"profiled": extra}) as servers:
-            srv = servers["profiled"]
-            raw = ctx.work / f"py-spy-{kind}.txt"
-            if kind == "classify":
-                requests = load.classify_requests(name, ctx.texts.sentences)
-                coroutine = load.classify_closed_loop(srv.target, requests, 32, window, srv.metrics_url)
-            else:
-                requests = [load.generate_request(name, p, ctx.plan.max_new_tokens) for p in ctx.texts.prompts]
-                coroutine = load.generate_closed_loop(srv.target, requests, 16, window, srv.metrics_url)
-            logger.info("profiling %s on %s for %.0f s", kind, name, seconds)
+    raw = ctx.work / f"py-spy-{kind}-{name}.txt"
+    if kind == "classify":
+        requests = load.classify_requests(name, ctx.texts.sentences)
+        coroutine = load.classify_closed_loop(srv.target, requests, 32, window, srv.metrics_url)
+    else:
+        prompts = [load.generate_request(name, p, ctx.plan.max_new_tokens) for p in ctx.texts.prompts]
+        coroutine = load.generate_closed_loop(srv.target, prompts, 16, window, srv.metrics_url)
+    logger.info("profiling %s on %s for %.0f s", kind, name, seconds)
 
-            async def record_under_load(coroutine: Any = coroutine, raw: Path = raw, srv: Any = srv) -> Any:
-                task = asyncio.create_task(coroutine)
-                await asyncio.sleep(window.warmup_s)
-                recorder = profiling.start_recording(server_pid(srv), seconds, raw)
-                point = await task
-                await asyncio.to_thread(profiling.finish_recording, recorder)
-                return point
+    async def record_under_load() -> Any:
+        task = asyncio.create_task(coroutine)
+        await asyncio.sleep(window.warmup_s)
+        recorder = profiling.start_recording(server_pid(srv), seconds, raw)
+        point = await task
+        await asyncio.to_thread(profiling.finish_recording, recorder)
+        return point
 
-            point = ctx.run(record_under_load())
-            summary = profiling.summarize(raw.read_text())
-            result[kind] = {"model": name, "load": point, **summary}
-    return result
+    try:
+        point = ctx.run(record_under_load())
+    except (OSError, RuntimeError) as e:  # py-spy may be refused (no ptrace) on some machines
+        logger.warning("profiling %s failed: %s", kind, e)
+        return {"model": name, "error": str(e)}
+    return {"model": name, "load": point, "concurrency": 32 if kind == "classify" else 16,
+            **profiling.summarize(raw.read_text())}
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:

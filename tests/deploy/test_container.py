@@ -133,7 +133,7 @@ def merged(docker_compose, files) -> dict:
 def test_gpu_stack(docker_compose):
     config = merged(docker_compose, GPU_FILES)
     services = config["services"]
-    assert {"server", "nginx", "prometheus", "grafana"} <= services.keys()
+    assert {"server", "nginx", "lb-agent", "prometheus", "grafana"} <= services.keys()
     server = services["server"]
     devices = server["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
@@ -148,10 +148,21 @@ def test_gpu_stack(docker_compose):
         assert services[name]["depends_on"][needs]["condition"] == "service_healthy", name
         assert services[name]["healthcheck"]["test"], name
     assert {p["target"] for p in services["nginx"]["ports"]} == {50051}
+    # The health agent shares nginx's process namespace (to reload it) and the volume with the replica list.
+    agent, nginx = services["lb-agent"], services["nginx"]
+    assert agent["pid"] == "service:nginx"
+    assert agent["depends_on"]["server"]["condition"] == "service_healthy"
+    shared = {v["source"] for v in agent["volumes"] if v["type"] == "volume"}
+    assert shared and shared <= {v["source"] for v in nginx["volumes"] if v["type"] == "volume"}
+    command = " ".join(agent["command"])
+    assert "--replicas=server:50051" in command and "--nginx-pid-file=/run/nlpserve-lb/nginx.pid" in command
+    assert "pid /run/nlpserve-lb/nginx.pid;" in (ROOT / "deploy/nginx/nginx.conf").read_text()
+    assert "NLPSERVE_DRAIN_DELAY_SECONDS" in server["environment"]
     # The files the stack mounts are the ones the tests check.
     mounts = {v["source"] for s in services.values() for v in s.get("volumes", []) if v["type"] == "bind"}
     for path in (
         "deploy/nginx/nginx.conf",
+        "deploy/nginx/health_agent.py",
         "deploy/prometheus/prometheus.yml",
         "deploy/grafana/provisioning",
         "deploy/grafana/dashboards",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,26 +21,27 @@ from server.process import ServerProcess
 from .conftest import DEPLOY, Daemon, free_port, http_get, wait_until
 
 NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
+AGENT = DEPLOY / "nginx" / "health_agent.py"
+
+# How long a replica keeps serving after SIGTERM has turned its health NOT_SERVING, before it refuses new calls:
+# long enough for the health agent (every 0.1 s here) to take it out of nginx's rotation. docker-compose.yml
+# sets 2 s for the agent's 0.5 s interval.
+DRAIN_DELAY = {"NLPSERVE_DRAIN_DELAY_SECONDS": "1"}
 
 
-def nginx_config(backends: list[str], grpc_port: int, health_port: int, workdir: Path) -> str:
-    """The project's nginx.conf with the replicas' loopback addresses in place of Docker's DNS name, loopback
-    listen ports, and file paths in `workdir`. Everything else (balancing, retries, timeouts) is as shipped."""
+def nginx_config(grpc_port: int, health_port: int, workdir: Path) -> str:
+    """The project's nginx.conf with loopback listen ports and its shared files (pid, upstream list) in
+    `workdir`. Everything else (balancing, retries, timeouts) is as shipped."""
     text = NGINX_CONF.read_text()
 
-    def replace(pattern: str, new: str) -> None:
+    def replace(pattern: str, new: str, expected: int = 1) -> None:
         nonlocal text
         text, count = re.subn(pattern, new, text, flags=re.MULTILINE)
-        assert count == 1, f"{NGINX_CONF} no longer has exactly one match for {pattern!r}"
+        assert count == expected, f"{NGINX_CONF}: {count} matches for {pattern!r}, expected {expected}"
 
-    replace(r"^\s*resolver .*;\n", "")  # Docker's embedded DNS; the replicas are given by address here
-    match = re.search(r"^(\s*)server server:50051 resolve (.*);$", text, re.MULTILINE)
-    assert match, f"{NGINX_CONF}: the upstream line `server server:50051 resolve ...;` changed"
-    indent, parameters = match.groups()
-    text = text.replace(match.group(0), "\n".join(f"{indent}server {b} {parameters};" for b in backends))
     replace(r"listen 50051 http2;", f"listen 127.0.0.1:{grpc_port} http2;")
     replace(r"listen 8080;", f"listen 127.0.0.1:{health_port};")
-    replace(r"^pid .*;$", f"pid {workdir}/nginx.pid;")
+    replace(r"/run/nlpserve-lb/", f"{workdir}/lb/", expected=2)  # the pid file and the upstream list
     # Debian's build keeps its temporary files under /var/lib/nginx, which the unpacked package lacks.
     temp_paths = "".join(
         f"    {kind}_temp_path {workdir}/{kind};\n"
@@ -51,11 +53,18 @@ def nginx_config(backends: list[str], grpc_port: int, health_port: int, workdir:
 
 @pytest.fixture
 def balanced(nginx_bin, quick_repo, tmp_path: Path, daemons) -> Iterator[tuple[str, list[ServerProcess]]]:
-    """(nginx's gRPC address, [replica A, replica B])."""
-    with ServerProcess(quick_repo) as a, ServerProcess(quick_repo) as b:
+    """(nginx's gRPC address, [replica A, replica B]), the replicas listed by the health agent."""
+    with ServerProcess(quick_repo, env=DRAIN_DELAY) as a, ServerProcess(quick_repo, env=DRAIN_DELAY) as b:
         grpc_port, health_port = free_port(), free_port()
         conf = tmp_path / "nginx.conf"
-        conf.write_text(nginx_config([a.target, b.target], grpc_port, health_port, tmp_path))
+        conf.write_text(nginx_config(grpc_port, health_port, tmp_path))
+        (tmp_path / "lb").mkdir()
+        agent = [
+            sys.executable, str(AGENT), "--replicas", a.target, b.target, "--interval", "0.1",
+            "--upstream-file", str(tmp_path / "lb" / "upstream" / "nlpserve.conf"),
+        ]  # fmt: skip
+        # One round first, so that nginx starts with both replicas; then the agent keeps the list.
+        subprocess.run([*agent, "--once"], check=True, timeout=60)
         argv = [str(nginx_bin), "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"]
         check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
@@ -66,6 +75,7 @@ def balanced(nginx_bin, quick_repo, tmp_path: Path, daemons) -> Iterator[tuple[s
             process=nginx.process,
             logs=nginx.logs,
         )
+        daemons([*agent, "--nginx-pid-file", str(tmp_path / "lb" / "nginx.pid")], tmp_path / "agent.log")
         yield f"127.0.0.1:{grpc_port}", [a, b]
 
 
@@ -165,6 +175,10 @@ def test_a_draining_replica_costs_the_clients_no_failed_call(balanced):
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
-    assert not failures, f"{len(failures)} failed calls, e.g. {failures[:5]}\nreplica A:\n{a.logs()[-3000:]}"
+    assert not failures, (
+        f"{len(failures)} failed calls, e.g. {failures[:5]}: after SIGTERM a replica must keep serving, "
+        f"NOT_SERVING, for NLPSERVE_DRAIN_DELAY_SECONDS before it refuses calls (docs/deployment.md)\n"
+        f"replica A:\n{a.logs()[-3000:]}"
+    )
     assert exit_code == 0, a.logs()[-3000:]
     assert classify_ok(b) >= served_by_b + 20

@@ -149,10 +149,17 @@ class DynamicBatcher(Generic[Item, Result]):
     async def _hold_open(self) -> None:
         """Fixed policy: waits until a full batch is queued or the oldest request waited max_queue_delay."""
         while not self._closed:
-            live = [e for e in self._queue if not e.future.done()]
-            if not live or sum(e.size for e in live) >= self.max_batch_size:
+            oldest, total = None, 0
+            for entry in self._queue:  # stops as soon as a full batch is queued
+                if entry.future.done():
+                    continue
+                oldest = oldest or entry
+                total += entry.size
+                if total >= self.max_batch_size:
+                    return
+            if oldest is None:
                 return
-            remaining = live[0].arrival + self.max_queue_delay - time.monotonic()
+            remaining = oldest.arrival + self.max_queue_delay - time.monotonic()
             if remaining <= 0:
                 return
             self._arrived.clear()

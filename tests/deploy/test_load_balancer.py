@@ -52,16 +52,19 @@ def nginx_config(grpc_port: int, health_port: int, workdir: Path) -> str:
 
 
 @pytest.fixture
-def balanced(nginx_bin, quick_repo, tmp_path: Path, daemons) -> Iterator[tuple[str, list[ServerProcess]]]:
-    """(nginx's gRPC address, [replica A, replica B]), the replicas listed by the health agent."""
+def balanced(
+    nginx_bin, quick_repo, tmp_path: Path, daemons
+) -> Iterator[tuple[str, list[ServerProcess], Path]]:
+    """(nginx's gRPC address, [replica A, replica B], the health agent's upstream list)."""
     with ServerProcess(quick_repo, env=DRAIN_DELAY) as a, ServerProcess(quick_repo, env=DRAIN_DELAY) as b:
         grpc_port, health_port = free_port(), free_port()
         conf = tmp_path / "nginx.conf"
         conf.write_text(nginx_config(grpc_port, health_port, tmp_path))
         (tmp_path / "lb").mkdir()
+        upstream = tmp_path / "lb" / "upstream" / "nlpserve.conf"
         agent = [
             sys.executable, str(AGENT), "--replicas", a.target, b.target, "--interval", "0.1",
-            "--upstream-file", str(tmp_path / "lb" / "upstream" / "nlpserve.conf"),
+            "--upstream-file", str(upstream),
         ]  # fmt: skip
         # One round first, so that nginx starts with both replicas; then the agent keeps the list.
         subprocess.run([*agent, "--once"], check=True, timeout=60)
@@ -76,7 +79,7 @@ def balanced(nginx_bin, quick_repo, tmp_path: Path, daemons) -> Iterator[tuple[s
             logs=nginx.logs,
         )
         daemons([*agent, "--nginx-pid-file", str(tmp_path / "lb" / "nginx.pid")], tmp_path / "agent.log")
-        yield f"127.0.0.1:{grpc_port}", [a, b]
+        yield f"127.0.0.1:{grpc_port}", [a, b], upstream
 
 
 def classify_ok(server: ServerProcess) -> float:
@@ -93,7 +96,8 @@ def classify_ok(server: ServerProcess) -> float:
 
 
 def test_calls_spread_over_both_replicas_and_a_stream_passes_intact(balanced):
-    target, replicas = balanced
+    target, replicas, upstream = balanced
+    assert all(f"server {r.target} " in upstream.read_text() for r in replicas)
     calls = 12
     with Client(target=target, timeout=60) as client:
         results = [client.classify([f"through the balancer {i}"]) for i in range(calls)]
@@ -118,7 +122,7 @@ def test_calls_spread_over_both_replicas_and_a_stream_passes_intact(balanced):
 
 
 def test_a_draining_replica_costs_the_clients_no_failed_call(balanced):
-    target, (a, b) = balanced
+    target, (a, b), upstream = balanced
     stop = threading.Event()
     lock = threading.Lock()
     done = {"classify": 0, "stream": 0}
@@ -163,6 +167,9 @@ def test_a_draining_replica_costs_the_clients_no_failed_call(balanced):
         )
         a.send_signal(signal.SIGTERM)
         exit_code = a.wait(timeout=60)
+        # The agent took the draining replica out of nginx's list.
+        assert f"server {a.target} " not in upstream.read_text()
+        assert f"server {b.target} " in upstream.read_text()
         after_exit = dict(done)
         served_by_b = classify_ok(b)
         # The survivor takes every call from now on.

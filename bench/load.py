@@ -16,6 +16,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -114,10 +115,46 @@ class _Measuring:
         return self.start is not None and t >= self.start and (self.end is None or t <= self.end)
 
 
-async def _run_window(state: _Measuring, window: Window, metrics_url: str | None) -> tuple[Samples, Samples]:
-    """Warms up, opens the window, keeps it open as long as `window` asks, closes it; returns the two scrapes."""
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system) a process has used so far: this one when `pid` is None (None if unreadable)."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """The share of one CPU the load generator (this process) and the server used during the window: on a small
+    machine the client's own cost is part of the picture."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.start = (clock(), cpu_seconds(), cpu_seconds(server_pid) if server_pid else None)
+
+    def stop(self) -> dict[str, float | None]:
+        t0, client0, server0 = self.start
+        seconds = clock() - t0
+        client1 = cpu_seconds()
+        server1 = cpu_seconds(self.server_pid) if self.server_pid else None
+        return {
+            "client_cpu_percent": round(100 * (client1 - client0) / seconds, 1) if client0 is not None else None,
+            "server_cpu_percent": (round(100 * (server1 - server0) / seconds, 1)
+                                   if server0 is not None and server1 is not None else None),
+        }
+
+
+async def _run_window(
+    state: _Measuring, window: Window, metrics_url: str | None, server_pid: int | None = None
+) -> tuple[Samples, Samples, dict[str, float | None]]:
+    """Warms up, opens the window, keeps it open as long as `window` asks, closes it; returns the two scrapes
+    and the CPU shares of client and server during the window."""
     await asyncio.sleep(window.warmup_s)
     before = await scrape_async(metrics_url)
+    meter = CpuMeter(server_pid)
     state.start = clock()
     while True:
         await asyncio.sleep(0.05)
@@ -126,9 +163,10 @@ async def _run_window(state: _Measuring, window: Window, metrics_url: str | None
         if enough or elapsed >= window.max_duration_s:
             break
     state.end = clock()
+    cpu = meter.stop()
     after = await scrape_async(metrics_url)
     state.stop = True
-    return before, after
+    return before, after, cpu
 
 
 # ---------------------------------------------------------------------------------------- classification
@@ -146,6 +184,7 @@ async def classify_closed_loop(
     concurrency: int,
     window: Window,
     metrics_url: str | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """`concurrency` clients each send a request as soon as their previous one came back."""
     model = requests[0].model
@@ -178,7 +217,7 @@ async def classify_closed_loop(
                         state.completed += 1
 
         clients = [asyncio.create_task(client(i)) for i in range(concurrency)]
-        before, after = await _run_window(state, window, metrics_url)
+        before, after, cpu = await _run_window(state, window, metrics_url, server_pid)
         await asyncio.gather(*clients)
     assert state.start is not None and state.end is not None
     seconds = state.end - state.start
@@ -194,6 +233,7 @@ async def classify_closed_loop(
         "server_compute_ms_per_batch": _ms(
             histogram_mean(before, after, "nlpserve_compute_duration_seconds", model=model, method="Classify")
         ),
+        **cpu,
         "load_average": round(os.getloadavg()[0], 2),
     }
 
@@ -296,6 +336,7 @@ async def generate_closed_loop(
     streams: int,
     window: Window,
     metrics_url: str | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """`streams` clients each open a GenerateStream as soon as their previous one ended.
 
@@ -330,13 +371,13 @@ async def generate_closed_loop(
                     state.completed += 1
 
         clients = [asyncio.create_task(client(i)) for i in range(streams)]
-        before, after = await _run_window(state, window, metrics_url)
+        before, after, cpu = await _run_window(state, window, metrics_url, server_pid)
         for task in clients:
             task.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
     await wait_idle(metrics_url, model)
     assert state.start is not None and state.end is not None
-    return _generation_point(streams, state, done, before, after, model)
+    return _generation_point(streams, state, done, before, after, model) | cpu
 
 
 def _generation_point(

@@ -37,7 +37,8 @@ def _export(args: list[str], out: Path, timeout: float = 3600) -> None:
     command = [sys.executable, "-m", "export", *args, "--out", str(tmp)]
     logger.info("building: %s", " ".join(command[1:]))
     t0 = time.perf_counter()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # OMP passive wait: PyTorch's spinning threads crawl on a busy machine (see bench/__main__.py)
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     tmp.parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if result.returncode != 0:

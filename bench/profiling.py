@@ -75,6 +75,8 @@ def package_of(file: str) -> str:
 WAITING = {
     ("select", "selectors.py"),
     ("EpollSelector.select", "selectors.py"),
+    ("_PollLikeSelector.select", "selectors.py"),
+    ("PollSelector.select", "selectors.py"),
     ("_worker", "concurrent/futures/thread.py"),
     ("Thread.run", "threading.py"),
     ("Condition.wait", "threading.py"),

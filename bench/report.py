@@ -117,10 +117,13 @@ def _classification_md(name: str, c: dict[str, Any]) -> list[str]:
     lines += _table(["batch size", "sequences/s", "batch p50 ms"],
                     [[p["batch_size"], p["sequences_per_s"], p["batch_latency_ms"]["p50"]]
                      for p in c.get("inprocess_batches", [])])
-    lines += ["Server (adaptive batching), closed loop:", ""]
-    lines += _table(["concurrency", "sequences/s", "p50 ms", "p90 ms", "p99 ms", "mean batch", "codes"],
+    lines += [("Server (adaptive batching), closed loop, medians of the rounds; CPU: share of one CPU used by the "
+              "server and by the load generator during the window:"), ""]
+    lines += _table(["concurrency", "sequences/s", "p50 ms", "p90 ms", "p99 ms", "mean batch", "server CPU %",
+                     "client CPU %"],
                     [[p["concurrency"], p["sequences_per_s"], p["latency_ms"]["p50"], p["latency_ms"]["p90"],
-                      p["latency_ms"]["p99"], p["mean_batch_size"], _codes(p["codes"])]
+                      p["latency_ms"]["p99"], p["mean_batch_size"], p.get("server_cpu_percent"),
+                      p.get("client_cpu_percent")]
                      for p in c.get("server_sweep", [])])
     if c.get("configs_summary"):
         lines += ["Batching configurations (medians of the rounds):", ""]

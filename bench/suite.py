@@ -143,10 +143,8 @@ def serving(ctx: Context, repository: Path, name: str, configs: dict[str, list[s
 
 
 def server_pid(server: Any) -> int:
-    for attribute in ("pid",):
-        if isinstance(getattr(server, attribute, None), int):
-            return int(getattr(server, attribute))
-    return int(server.process.pid)
+    """The server's process id (from its ready file, via ServerProcess)."""
+    return int(server.pid)
 
 
 # --------------------------------------------------------------------------------------------- comparisons
@@ -221,7 +219,11 @@ def median_point(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[key] = median_point([p[key] for p in points])
         elif isinstance(value, int | float) and not isinstance(value, bool):
             values = [p[key] for p in points if isinstance(p.get(key), int | float)]
-            out[key] = round(statistics.median(values), 3) if values else None
+            median = statistics.median(values) if values else None
+            if median is not None and all(isinstance(v, int) for v in values) and median == int(median):
+                out[key] = int(median)  # counts and settings stay integers
+            else:
+                out[key] = round(median, 3) if median is not None else None
         else:
             out[key] = value
     return out
@@ -257,7 +259,7 @@ def bench_classifier(
         def closed(label: str, concurrency: int) -> Callable[[], dict[str, Any]]:
             srv = servers[label]
             return lambda: ctx.run(load.classify_closed_loop(
-                srv.target, requests, concurrency, plan.classify_window, srv.metrics_url))
+                srv.target, requests, concurrency, plan.classify_window, srv.metrics_url, server_pid(srv)))
 
         # Every round: the adaptive server at every concurrency, the other configurations beside it (alternating)
         # at the compare concurrencies, then the in-process loop and the server at its best concurrency so far,
@@ -362,7 +364,7 @@ def bench_generator(
         def closed(label: str, streams: int) -> Callable[[], dict[str, Any]]:
             srv = servers[label]
             return lambda: ctx.run(load.generate_closed_loop(
-                srv.target, requests, streams, plan.generate_window, srv.metrics_url))
+                srv.target, requests, streams, plan.generate_window, srv.metrics_url, server_pid(srv)))
 
         def decode(batch: int) -> Callable[[], dict[str, Any]]:
             return lambda: inprocess.measure_decoder(decoder, prompts, batch, tokens, plan.decode_seconds)

@@ -119,8 +119,11 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+_ARGV: list[str] = []  # the arguments of this run, recorded in config.json's provenance
+
+
 def _command() -> list[str]:
-    return ["python", "-m", "export", *sys.argv[1:]]
+    return ["python", "-m", "export", *_ARGV]
 
 
 def run_classifier(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,7 +156,7 @@ def run_classifier(args: argparse.Namespace) -> dict[str, Any]:
     if args.base is not None and not args.base.is_dir():
         raise ExportError(f"checkpoint folder {args.base} does not exist")
     opts = ClassifierOptions(
-        data=data, eval_data=eval_data, version=args.version, base=args.base, import_dir=args.import_dir,
+        data=data, eval_data=eval_data, name=args.out.resolve().name, version=args.version, base=args.base, import_dir=args.import_dir,
         scratch=args.scratch, layers=args.layers, heads=args.heads, hidden=args.hidden, vocab_size=args.vocab_size,
         pooling=Pooling(args.pooling), embedding=not args.no_embedding, max_length=args.max_length,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -185,7 +188,7 @@ def run_generator(args: argparse.Namespace) -> dict[str, Any]:
     elif args.corpus:
         corpus, description = read_corpus(Path(args.corpus)), str(args.corpus)
     opts = GeneratorOptions(
-        corpus=corpus, corpus_description=description, version=args.version, import_dir=args.import_dir,
+        corpus=corpus, corpus_description=description, name=args.out.resolve().name, version=args.version, import_dir=args.import_dir,
         layers=args.layers, heads=args.heads, width=args.width, context=args.context, vocab_size=args.vocab_size,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         val_fraction=args.val_fraction, seed=args.seed, variants=_variants(args), verify_tokens=args.verify_tokens,
@@ -229,6 +232,8 @@ def _summary(name: str, figures: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _ARGV[:] = argv
     args = parser().parse_args(argv)
     # Logging first: the heavy imports (torch, transformers) come after and log through it.
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -209,7 +209,7 @@ def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
     heads = config.num_attention_heads
     write_json(version_dir / "config.json", {
         "format_version": FORMAT_VERSION,
-        "name": model_dir.name,
+        "name": opts.name,
         "version": opts.version,
         "kind": "classifier",
         "labels": labels,

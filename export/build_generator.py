@@ -169,7 +169,7 @@ def build(opts: GeneratorOptions, model_dir: Path) -> dict[str, Any]:
     input_names, output_names = generator_names(config.n_layer)
     write_json(version_dir / "config.json", {
         "format_version": FORMAT_VERSION,
-        "name": model_dir.name,
+        "name": opts.name,
         "version": opts.version,
         "kind": "generator",
         "labels": [],

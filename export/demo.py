@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from export.build_classifier import ClassifierOptions
 from export.build_classifier import build as build_classifier
 from export.build_generator import GeneratorOptions
@@ -49,12 +51,12 @@ def classifier_options(quick: bool, variants: tuple[str, ...], command: list[str
     data = sentiment_data()
     if quick:
         return ClassifierOptions(
-            data=data, data_description=data.source, scratch=True, vocab_size=800, layers=2, heads=2, hidden=32,
+            name=CLASSIFIER_NAME, data=data, data_description=data.source, scratch=True, vocab_size=800, layers=2, heads=2, hidden=32,
             max_length=64, steps=30, batch_size=16, learning_rate=3e-3, pooling=Pooling.CLS, variants=variants,
             command=command,
         )
     return ClassifierOptions(
-        data=data, data_description=data.source, epochs=4, batch_size=16, learning_rate=8e-5, max_length=128,
+        name=CLASSIFIER_NAME, data=data, data_description=data.source, epochs=4, batch_size=16, learning_rate=8e-5, max_length=128,
         pooling=Pooling.CLS, variants=variants, command=command,
     )
 
@@ -62,19 +64,23 @@ def classifier_options(quick: bool, variants: tuple[str, ...], command: list[str
 def generator_options(quick: bool, variants: tuple[str, ...], command: list[str] | None) -> GeneratorOptions:
     if quick:
         return GeneratorOptions(
-            corpus=QUICK_CORPUS, corpus_description="built-in multilingual sample (quick)", layers=2, heads=2,
+            name=GENERATOR_NAME, corpus=QUICK_CORPUS, corpus_description="built-in multilingual sample (quick)", layers=2, heads=2,
             width=32, context=128, vocab_size=400, steps=30, batch_size=8, learning_rate=3e-3, variants=variants,
             command=command,
         )
     corpus, description = docstring_corpus()
     return GeneratorOptions(
-        corpus=corpus, corpus_description=description, layers=4, heads=4, width=256, context=256, vocab_size=8192,
+        name=GENERATOR_NAME, corpus=corpus, corpus_description=description, layers=4, heads=4, width=256, context=256, vocab_size=8192,
         steps=400, batch_size=16, learning_rate=2e-3, variants=variants, command=command,
     )
 
 
 def build(out: Path, *, quick: bool, force: bool, variants: tuple[str, ...], command: list[str] | None = None
           ) -> dict[str, Any]:
+    if quick:
+        # Tiny matrices: a second thread only adds synchronisation, and on a busy machine (tests running in
+        # parallel) OpenMP's spinning threads make every small operation many times slower.
+        torch.set_num_threads(1)
     with staged_output(out, force) as stage:
         sentiment = build_classifier(classifier_options(quick, variants, command), stage / CLASSIFIER_NAME)
         docgpt = build_generator(generator_options(quick, variants, command), stage / GENERATOR_NAME)

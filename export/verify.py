@@ -25,6 +25,7 @@ def session(path: Path, providers: list[str] | None = None) -> ort.InferenceSess
     ort.set_default_logger_severity(4)  # a CUDA provider that cannot load is not an error here: see above
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()  # as many as PyTorch uses (1 for the quick demo)
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 

@@ -112,7 +112,7 @@ def test_existing_output_needs_force(tmp_path: Path, capsys) -> None:
 def test_real_process_exit_status_and_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "export", "generator", "--corpus", str(tmp_path / "none.txt"), "--out",
-         str(tmp_path / "g")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+         str(tmp_path / "g")], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: corpus {tmp_path / 'none.txt'} does not exist"]

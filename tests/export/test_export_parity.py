@@ -42,7 +42,7 @@ def test_greedy_kv_cache_generation_matches_full_recompute(gpt: tuple, prompts: 
 
 def test_left_padding_does_not_change_a_sequence(gpt: tuple) -> None:
     """The server batches prompts of different lengths: a prompt's logits must not depend on its neighbours."""
-    model, path = gpt
+    _, path = gpt
     sess = session(path)
     empty = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 16), np.float32) for i in range(2) for k in ("key", "value")}
 

@@ -111,7 +111,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if sizes in ("demo", "both"):
             sets.append((models.demo_repository(args.models, args.rebuild_models), "sentiment", "docgpt"))
         if sizes in ("sized", "both"):
-            sets.append((models.sized_repository(args.rebuild_models, args.variant), models.BERT_BASE,
+            needed = {"classify": (models.BERT_BASE,), "generate": (models.GPT2_SMALL,)}.get(
+                args.command, (models.BERT_BASE, models.GPT2_SMALL))
+            sets.append((models.sized_repository(args.rebuild_models, args.variant, needed), models.BERT_BASE,
                          models.GPT2_SMALL))
 
     notes = [NOISE_NOTE]

@@ -90,13 +90,17 @@ def demo_repository(models: Path | None = None, rebuild: bool = False) -> Path:
     return repo
 
 
-def sized_repository(rebuild: bool = False, variant: str = "fp32") -> Path:
+def sized_repository(
+    rebuild: bool = False, variant: str = "fp32", names: tuple[str, ...] = (BERT_BASE, GPT2_SMALL)
+) -> Path:
     """A BERT-base-sized classifier (12 layers, hidden 768) and a GPT-2-small-sized generator (12 layers, hidden
     768, GPT-2's 50,257-token vocabulary and 1,024 positions: 124M parameters), random weights (speed does not
     depend on them), exported by the project's exporter."""
     repo = CACHE / "sized"
     extra = [] if variant == "fp32" else [VARIANT_FLAGS[variant]]
     for name, args in ((BERT_BASE, CLASSIFIER_ARGS), (GPT2_SMALL, GENERATOR_ARGS)):
+        if name not in names:
+            continue
         if rebuild or not has_model(repo, name) or not has_variant(repo, name, variant):
             _export([*args, *extra], repo / name)
     return repo

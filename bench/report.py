@@ -295,9 +295,11 @@ def write_plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, 
         fig.suptitle(subtitle, fontsize=9)
         save(fig, "generate-tokens")
 
-        fig, axes = plt.subplots(1, len(generation), figsize=(5.5 * len(generation), 4), squeeze=False)
-        for ax, (name, g) in zip(axes[0], generation.items()):
-            points = g["summary"].get("continuous", {})
+    served = {k: g for k, g in generation.items() if g["summary"].get("continuous")}
+    if served:
+        fig, axes = plt.subplots(1, len(served), figsize=(5.5 * len(served), 4), squeeze=False)
+        for ax, (name, g) in zip(axes[0], served.items()):
+            points = g["summary"]["continuous"]
             xs = [int(k) for k in points]
             for field, q in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99")):
                 ax.plot(xs, [p[field][q] for p in points.values()], "o-",

@@ -64,8 +64,8 @@ QUICK = Plan(
 FULL = Plan(
     name="full",
     rounds=3,
-    classify_window=load.Window(warmup_s=1.0, duration_s=4.0, min_requests=200, max_duration_s=15.0),
-    generate_window=load.Window(warmup_s=2.0, duration_s=8.0, min_requests=4, max_duration_s=30.0),
+    classify_window=load.Window(warmup_s=1.0, duration_s=4.0, min_requests=200, max_duration_s=12.0),
+    generate_window=load.Window(warmup_s=1.5, duration_s=6.0, min_requests=4, max_duration_s=20.0),
     sweep_concurrency=(1, 2, 4, 8, 16, 32, 64),
     compare_concurrency=(1, 8, 32),
     inprocess_batches=(1, 2, 4, 8, 16, 32),
@@ -73,8 +73,8 @@ FULL = Plan(
     open_loop_fractions=(0.25, 0.5, 0.75, 0.9),
     streams=(1, 4, 16, 32),
     max_new_tokens=64,
-    decode_seconds=5.0,
-    profile_seconds=15.0,
+    decode_seconds=4.0,
+    profile_seconds=12.0,
 )
 
 

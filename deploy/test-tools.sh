@@ -19,9 +19,10 @@ declare -A WANTS=(
     [nginx-common]=usr/share/nginx/html/index.html
 )
 
-# Shared libraries those binaries link against: usually present on Debian, unpacked alongside when not.
-# (prometheus and promtool are Go programs that need only libc.)
-LIBS=(libc6 libcrypt1 libpcre2-8-0 libssl3 zlib1g)
+# Shared libraries nginx links against: usually present on Debian, unpacked alongside when not (the tests
+# then run nginx with LD_LIBRARY_PATH pointing there). prometheus and promtool are Go programs that need only
+# libc, which every Debian has.
+LIBS=(libcrypt1 libpcre2-8-0 libssl3 zlib1g)
 
 missing=()
 for pkg in "${!WANTS[@]}"; do

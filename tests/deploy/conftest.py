@@ -50,6 +50,18 @@ def debian_tool(relative: str, package: str) -> Path:
     )
 
 
+def tool_env() -> dict[str, str]:
+    """The environment for the unpacked programs: libraries that deploy/test-tools.sh had to unpack too
+    (when the machine lacked them) come first on the library path."""
+    libs = [
+        str(d) for d in (TOOLS / "usr/lib/x86_64-linux-gnu", TOOLS / "lib/x86_64-linux-gnu") if d.is_dir()
+    ]
+    env = dict(os.environ)
+    if libs:
+        env["LD_LIBRARY_PATH"] = ":".join([*libs, *filter(None, [env.get("LD_LIBRARY_PATH")])])
+    return env
+
+
 @pytest.fixture(scope="session")
 def promtool() -> Path:
     return debian_tool("usr/bin/promtool", "prometheus")
@@ -140,10 +152,10 @@ def wait_until(
 class Daemon:
     """A program started for one test, its output in a file, stopped (and waited for) at the end."""
 
-    def __init__(self, argv: list[str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, cwd=cwd)
+        self.process = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, env=env)
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
@@ -163,8 +175,8 @@ class Daemon:
 def daemons() -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(argv: list[str], log: Path, cwd: Path | None = None) -> Daemon:
-        daemon = Daemon(argv, log, cwd)
+    def start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(argv, log, env)
         started.append(daemon)
         return daemon
 

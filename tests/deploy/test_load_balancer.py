@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client import Client
 from server.process import ServerProcess
 
-from .conftest import DEPLOY, Daemon, free_port, http_get, wait_until
+from .conftest import DEPLOY, Daemon, free_port, http_get, tool_env, wait_until
 
 NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
 AGENT = DEPLOY / "nginx" / "health_agent.py"
@@ -69,9 +69,9 @@ def balanced(
         # One round first, so that nginx starts with both replicas; then the agent keeps the list.
         subprocess.run([*agent, "--once"], check=True, timeout=60)
         argv = [str(nginx_bin), "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"]
-        check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True)
+        check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True, env=tool_env())
         assert check.returncode == 0, check.stderr
-        nginx: Daemon = daemons([*argv, "-g", "daemon off;"], tmp_path / "nginx.log")
+        nginx: Daemon = daemons([*argv, "-g", "daemon off;"], tmp_path / "nginx.log", tool_env())
         wait_until(
             lambda: http_get(f"http://127.0.0.1:{health_port}/healthz") == "ok\n",
             "nginx up",

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client import Client, ServerError
 from server.process import ServerProcess
 
-from .conftest import DEPLOY, ROOT, free_port, http_get, wait_until
+from .conftest import DEPLOY, ROOT, free_port, http_get, tool_env, wait_until
 
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "nlpserve.json"
@@ -198,7 +198,7 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_panel_has_data(
             f"--web.listen-address=127.0.0.1:{port}",
             "--log.level=warn",
         ]
-        prometheus = daemons(argv, tmp_path / "prometheus.log")
+        prometheus = daemons(argv, tmp_path / "prometheus.log", tool_env())
         api = PrometheusAPI(port)
         wait_until(
             lambda: http_get(f"{api.base}/-/ready"),

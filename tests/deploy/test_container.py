@@ -163,7 +163,7 @@ def test_gpu_stack(docker_compose):
     for path in (
         "deploy/nginx/nginx.conf",
         "deploy/nginx/health_agent.py",
-        "deploy/prometheus/prometheus.yml",
+        "deploy/prometheus",
         "deploy/grafana/provisioning",
         "deploy/grafana/dashboards",
     ):

@@ -22,6 +22,7 @@ from server.process import ServerProcess
 from .conftest import DEPLOY, ROOT, free_port, http_get, tool_env, wait_until
 
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "nlpserve.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "nlpserve.yml"
@@ -129,6 +130,17 @@ def test_dashboard_uses_the_provisioned_datasource_and_covers_every_metric():
 # promtool
 
 
+def test_promtool_accepts_the_alerting_rules(promtool):
+    result = subprocess.run(
+        [str(promtool), "check", "rules", str(ALERTS)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=tool_env(),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_promtool_accepts_the_config(promtool):
     result = subprocess.run(
         [str(promtool), "check", "config", str(PROMETHEUS_CONFIG)],
@@ -157,7 +169,10 @@ def test_promtool_accepts_the_servers_metrics(promtool, quick_repo):
 def prometheus_config(target: str, own_port: int) -> dict:
     """The project's config with the server's address instead of Docker's DNS, and a 1 s scrape interval."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s")
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    # Relative to the config file, which the test writes elsewhere.
+    assert config["rule_files"] == [ALERTS.name]
+    config["rule_files"] = [str(ALERTS)]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert "dns_sd_configs" in jobs["nlpserve"]  # compose: every replica of the `server` service
     del jobs["nlpserve"]["dns_sd_configs"]
@@ -237,6 +252,26 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_panel_has_data(
             )
         assert scraped_counts() == expected
         assert requests_by_method_and_code(http_get(server.metrics_url)) == expected
+
+        # Every alerting rule evaluates without error against the real series.
+        shipped = [
+            rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+        ]
+
+        def rules() -> list[dict]:
+            return [rule for group in api.get("/api/v1/rules")["groups"] for rule in group["rules"]]
+
+        def all_evaluated() -> bool:  # Prometheus reports year 1 for a rule it has not evaluated yet
+            loaded = rules()
+            return len(loaded) == len(shipped) and not any(
+                r["lastEvaluation"].startswith("0001") for r in loaded
+            )
+
+        wait_until(
+            all_evaluated, "every alerting rule evaluated", process=prometheus.process, logs=prometheus.logs
+        )
+        assert sorted(r["name"] for r in rules()) == sorted(shipped)
+        assert all(r["health"] == "ok" for r in rules()), rules()
 
         empty = []
         queries = panel_queries()

@@ -153,3 +153,12 @@ def test_load_generator_against_a_real_server(quick_repo: Path, tmp_path: Path) 
             assert gen["mean_batch_size"] is not None and gen["mean_batch_size"] >= 1
     finally:
         ctx.runner.close()
+
+
+def test_cli_refuses_a_missing_data_folder_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import main
+
+    assert main(["all", "--quick", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"bench: error: --data {tmp_path / 'missing'}: no such folder"
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -308,8 +308,9 @@ def bench_classifier(
                     title=f"adaptive batching / {what}, concurrency {c}, throughput", metric="sequences/s",
                     a="adaptive batching", b=what,
                     a_values=[p["sequences_per_s"] for p in a_pts], b_values=[p["sequences_per_s"] for p in b_pts],
-                    # batching must not cost throughput at concurrency 1, and must raise it at 32
-                    target=1.0 if c >= 32 else 0.95,
+                    # the targets, against max_batch_size=1: batching costs nothing at concurrency 1 (within
+                    # 5%, the noise of this machine) and raises throughput at 32; the fixed policy is only compared
+                    target=(0.95 if c == 1 else 1.0 if c >= 32 else None) if other == "batch1" else None,
                 )
                 compare(
                     ctx, id=f"classify/{name}/adaptive-vs-{other}/c{c}/p50", group=group, model=name,
@@ -317,7 +318,7 @@ def bench_classifier(
                     a="adaptive batching", b=what,
                     a_values=[_get(p, "latency_ms.p50") for p in a_pts],
                     b_values=[_get(p, "latency_ms.p50") for p in b_pts],
-                    target=1.05 if c == 1 else None, higher_is_better=False,
+                    target=1.05 if c == 1 and other == "batch1" else None, higher_is_better=False,
                 )
         result["configs_summary"] = summary
 

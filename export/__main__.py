@@ -12,6 +12,9 @@ from typing import Any
 # Nothing downloads at run time: every checkpoint is a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Idle OpenMP threads sleep instead of spinning: on a machine shared with a server, tests or other jobs,
+# spinning threads make PyTorch several times slower (set before torch is imported).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 logger = logging.getLogger("export")
 

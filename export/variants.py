@@ -22,13 +22,17 @@ logger = logging.getLogger(__name__)
 
 VARIANTS = ("opt", "fp16", "int8")
 
-# Bounds on the max abs logits difference against PyTorch fp32. Fusions reorder float arithmetic a little;
-# fp16 rounds to 11 significant bits; int8 rounds weights to 256 levels per tensor, so its bound is loose and
-# the held-out accuracy change (reported next to it) is the figure that matters.
-CLASSIFIER_BOUNDS = {"opt": 1e-3, "fp16": 5e-2, "int8": 0.5}
-GENERATOR_BOUNDS = {"opt": 1e-3, "fp16": 0.1, "int8": 1.0}
-# The least fraction of greedy steps on which the variant picks PyTorch's token.
-GENERATOR_AGREEMENT = {"opt": 1.0, "fp16": 0.8, "int8": 0.6}
+# Bounds against PyTorch fp32. Fusions only reorder float arithmetic: an absolute bound on the logits (and
+# embedding). fp16 rounds every activation to 11 significant bits and int8 every weight to 256 levels per
+# tensor, so their bounds are relative to the largest output magnitude (an untrained model's logits are tiny,
+# a trained one's large); int8's bound only catches a broken graph, and the change in held-out accuracy or
+# validation loss, reported next to it, is the figure that matters.
+BOUNDS = {"opt": 1e-3, "fp16": 0.02, "int8": 0.5}
+RELATIVE = {"opt": False, "fp16": True, "int8": True}
+# The least fraction of greedy steps on which the generator variant picks PyTorch's token. Only the fused
+# fp32 graph is held to it: rounding may flip near-ties, the more so in untrained models whose logits are
+# nearly flat, so fp16 and int8 report their agreement without a bound.
+GENERATOR_AGREEMENT = {"opt": 0.95, "fp16": 0.0, "int8": 0.0}
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,16 @@ def verify_classifier(
     variant: str, model: nn.Module, path: Path, batch: dict[str, np.ndarray], outputs: list[str]
 ) -> dict[str, Any]:
     providers = _providers(variant)
-    diffs, provider = classifier_parity(model, path, batch, outputs, providers)
-    check(diffs, CLASSIFIER_BOUNDS[variant], f"classifier {variant} on {provider}")
-    return {"max_abs_diff": max(diffs.values()), "bound": CLASSIFIER_BOUNDS[variant], "verified_on": provider,
-            "providers": providers}
+    relative = RELATIVE[variant]
+    diffs, provider = classifier_parity(model, path, batch, outputs, providers, relative=relative)
+    check(diffs, BOUNDS[variant], f"classifier {variant} on {provider}", " relative" if relative else "")
+    absolute, _ = classifier_parity(model, path, batch, outputs, providers) if relative else (diffs, provider)
+    figures = {"max_abs_diff": max(absolute.values()), "bound": BOUNDS[variant], "verified_on": provider,
+               "providers": providers}
+    if relative:
+        figures["max_rel_diff"] = max(diffs.values())
+        figures["bound_kind"] = "relative"
+    return figures
 
 
 def verify_generator(
@@ -120,13 +130,18 @@ def verify_generator(
 ) -> dict[str, Any]:
     providers = _providers(variant)
     result = generator_parity(model, path, prompts, new_tokens=new_tokens, pad_id=pad_id, providers=providers)
-    bound, agreement = GENERATOR_BOUNDS[variant], GENERATOR_AGREEMENT[variant]
-    if result["max_abs_diff"] > bound or result["token_agreement"] < agreement:
+    bound, agreement = BOUNDS[variant], GENERATOR_AGREEMENT[variant]
+    measured = result["max_rel_diff" if RELATIVE[variant] else "max_abs_diff"]
+    if not np.isfinite(measured) or measured > bound or result["token_agreement"] < agreement:
+        kind = " relative" if RELATIVE[variant] else ""
         raise VerificationError(
-            f"generator {variant} on {result['provider']}: logits differ by {result['max_abs_diff']:.3g} (bound {bound:g}), greedy tokens "
-            f"agree on {result['token_agreement']:.0%} of steps (at least {agreement:.0%} wanted)"
+            f"generator {variant} on {result['provider']}: logits differ by {measured:.3g}{kind} (bound {bound:g}), "
+            f"greedy tokens agree on {result['token_agreement']:.0%} of steps (at least {agreement:.0%} wanted)"
         )
-    return {
+    figures = {
         "max_abs_diff": result["max_abs_diff"], "bound": bound, "token_agreement": result["token_agreement"],
         "verified_on": result["provider"], "providers": providers,
     }
+    if RELATIVE[variant]:
+        figures.update(max_rel_diff=result["max_rel_diff"], bound_kind="relative")
+    return figures

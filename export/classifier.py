@@ -208,7 +208,7 @@ def train(
     queue: list[list[int]] = []
     smoothed = None
     with tqdm(total=steps, desc="training", unit="step", disable=None) as bar:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             if not queue:
                 queue = batches(len(texts), batch_size, rng)
             index = queue.pop()
@@ -223,9 +223,9 @@ def train(
             smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
             bar.set_postfix(loss=f"{smoothed:.4f}")
             bar.update()
-            if bar.disable and (bar.n % max(1, steps // 10) == 0 or bar.n == steps):
+            if bar.disable and (step % max(1, steps // 10) == 0 or step == steps):
                 # No terminal, no bar: a line every tenth of the way, for logs.
-                logger.info("step %d/%d, loss %.4f", bar.n, steps, smoothed)
+                logger.info("step %d/%d, loss %.4f", step, steps, smoothed)
     model.eval()
     return smoothed
 

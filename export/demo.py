@@ -70,8 +70,8 @@ def generator_options(quick: bool, variants: tuple[str, ...], command: list[str]
         )
     corpus, description = docstring_corpus()
     return GeneratorOptions(
-        name=GENERATOR_NAME, corpus=corpus, corpus_description=description, layers=4, heads=4, width=192, context=128, vocab_size=4096,
-        steps=300, batch_size=8, learning_rate=2e-3, variants=variants, command=command,
+        name=GENERATOR_NAME, corpus=corpus, corpus_description=description, layers=4, heads=4, width=128, context=128, vocab_size=2048,
+        steps=400, batch_size=16, learning_rate=3e-3, variants=variants, command=command,
     )
 
 

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("all", "everything, then the py-spy profiles"),
     ):
         commands.add_parser(name, parents=[common], help=text, description=text)
+    again = commands.add_parser("report", help="rewrite the Markdown table and plots of a results JSON",
+                                description="rewrite the Markdown table and plots of a results JSON (same folder)")
+    again.add_argument("results", type=Path, help="a bench/results/*.json file")
+    again.add_argument("--log-level", default="INFO")
     return parser
 
 
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # too, as the server runs it. Set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        results = run(args)
+        results = rewrite(args.results) if args.command == "report" else run(args)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         logger.debug("failed", exc_info=True)
         print(f"bench: error: {e}", file=sys.stderr)
@@ -174,10 +178,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def rewrite(path: Path) -> dict[str, Any]:
+    """Rewrites the Markdown and the plots of a results file from its JSON (after a change to the writer)."""
+    import json
+
+    from bench import report
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file")
+    results = json.loads(path.read_text())
+    paths = report.write_results(results, path.parent, path.stem)
+    results["paths"] = {k: str(v) for k, v in paths.items()}
+    return results
+
+
 def print_ratios(results: dict[str, Any]) -> None:
     """The summary on stdout: where the files went, then the ratios (last, so that they are what one sees)."""
     print(f"results: {results['paths']['json']} (+ .md, {len(results['paths']) - 2} plots); "
-          f"{results['elapsed_s']:.0f} s")
+          f"{results.get('elapsed_s', 0):.0f} s")
     for comparison in results.get("comparisons", []):
         target = ""
         if comparison["target"] is not None:

@@ -213,7 +213,7 @@ def _onnx_val_loss_delta(
         return None
     stream = gen.encode_documents(tokenizer, val_docs, eos_id)
     length = min(config.n_positions, len(stream) - 1)
-    count = min(64, max(1, (len(stream) - 1) // length))
+    count = min(64, max(1, 16384 // length), max(1, (len(stream) - 1) // length))  # the windows of evaluate()
     sess = session(path, providers)
     dtype = np.float16 if "float16" in sess.get_inputs()[3].type else np.float32
     head_size = config.n_embd // config.n_head

@@ -135,13 +135,16 @@ def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, stream: np.ndarray, *, context: int, max_windows: int = 64) -> dict[str, float]:
-    """Mean next-token loss over consecutive windows of the held-out stream, and its perplexity."""
+def evaluate(
+    model: torch.nn.Module, stream: np.ndarray, *, context: int, max_windows: int = 64, max_tokens: int = 16384
+) -> dict[str, float]:
+    """Mean next-token loss over consecutive windows of the held-out stream (at most `max_tokens`: a
+    GPT-2-sized model takes seconds per window on a CPU), and its perplexity."""
     model.eval()
     length = min(context, len(stream) - 1)
     if length < 1:
         return {}
-    count = min(max_windows, max(1, (len(stream) - 1) // length))
+    count = min(max_windows, max(1, max_tokens // length), max(1, (len(stream) - 1) // length))
     losses = []
     for i in tqdm(range(count), desc="evaluating", unit="window", disable=None):
         window = torch.from_numpy(stream[i * length:i * length + length + 1])[None]

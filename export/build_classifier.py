@@ -211,6 +211,7 @@ def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
             if eval_texts and torch_accuracy is not None and result.get("verified", True):
                 logits = onnx_classify(path, encode, eval_texts, providers=result.get("providers"))
                 result["accuracy_delta"] = round(clf.accuracy(logits, eval_labels) - torch_accuracy, 4)
+                variants.check_accuracy_delta(variant, result["accuracy_delta"], len(eval_texts))
             result.pop("providers", None)
             parity[variant] = result
             files[variant] = path.name

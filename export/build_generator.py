@@ -157,6 +157,7 @@ def build(opts: GeneratorOptions, model_dir: Path) -> dict[str, Any]:
             if val_docs:
                 result["val_loss_delta"] = _onnx_val_loss_delta(path, tokenizer, val_docs, eos_id, config,
                                                                  eval_figures, result.get("providers"))
+                variants.check_val_loss_delta(variant, result["val_loss_delta"], eval_figures.get("val_loss", 0.0))
             result.pop("providers", None)
             parity[variant] = result
             files[variant] = path.name

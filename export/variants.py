@@ -24,15 +24,33 @@ VARIANTS = ("opt", "fp16", "int8")
 
 # Bounds against PyTorch fp32. Fusions only reorder float arithmetic: an absolute bound on the logits (and
 # embedding). fp16 rounds every activation to 11 significant bits and int8 every weight to 256 levels per
-# tensor, so their bounds are relative to the largest output magnitude (an untrained model's logits are tiny,
-# a trained one's large); int8's bound only catches a broken graph, and the change in held-out accuracy or
-# validation loss, reported next to it, is the figure that matters.
-BOUNDS = {"opt": 1e-3, "fp16": 0.02, "int8": 0.5}
+# tensor, so their bounds are relative to the largest output magnitude. int8's errors reach a third of it in
+# MiniLM fine-tuned on SST-2 (which loses half a point of accuracy), so its logits bound only catches a broken
+# graph; what holds it is the held-out figure below.
+BOUNDS = {"opt": 1e-3, "fp16": 0.02, "int8": 1.0}
 RELATIVE = {"opt": False, "fp16": True, "int8": True}
 # The least fraction of greedy steps on which the generator variant picks PyTorch's token. Only the fused
 # fp32 graph is held to it: rounding may flip near-ties, the more so in untrained models whose logits are
 # nearly flat, so fp16 and int8 report their agreement without a bound.
 GENERATOR_AGREEMENT = {"opt": 0.95, "fp16": 0.0, "int8": 0.0}
+
+
+def check_accuracy_delta(variant: str, delta: float, examples: int) -> None:
+    """A variant may cost at most 3 points of held-out accuracy (or 3 examples, on small held-out sets)."""
+    allowed = max(0.03, 3 / max(1, examples))
+    if delta < -allowed:
+        raise VerificationError(
+            f"classifier {variant}: held-out accuracy falls by {-delta:.3f} (at most {allowed:.3f} allowed)"
+        )
+
+
+def check_val_loss_delta(variant: str, delta: float | None, val_loss: float) -> None:
+    """A generator variant may raise the validation loss by at most 2% (0.05 nats at least)."""
+    allowed = max(0.05, 0.02 * val_loss)
+    if delta is not None and (not np.isfinite(delta) or delta > allowed):
+        raise VerificationError(
+            f"generator {variant}: validation loss rises by {delta:.3f} (at most {allowed:.3f} allowed)"
+        )
 
 
 @dataclass(frozen=True)

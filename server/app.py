@@ -5,8 +5,9 @@ Life of the process:
 1. the gRPC port opens at once with every health service NOT_SERVING, so orchestrators can watch start-up;
 2. each model loads (its execution provider checked) and warms up off the event loop; its health service
    turns SERVING; once all are, "" and nlpserve.v1.InferenceService turn SERVING and the ready file is written;
-3. on SIGTERM or SIGINT every health service turns NOT_SERVING, new requests get UNAVAILABLE, in-flight
-   requests and streams get `grace_seconds` to finish, then the server stops and the process exits 0.
+3. on SIGTERM or SIGINT every health service turns NOT_SERVING; after `drain_delay_seconds` (0 by default) of
+   serving on, so that load balancers can notice, new requests get UNAVAILABLE, in-flight requests and streams
+   get `grace_seconds` to finish, then the server stops and the process exits 0.
 """
 
 from __future__ import annotations
@@ -141,12 +142,6 @@ async def serve(
 
     await stop.wait()
     started = time.monotonic()
-    log.info(
-        "draining: NOT_SERVING, refusing new requests, %d in flight, grace %.1fs",
-        gate.in_flight,
-        settings.grace_seconds,
-    )
-    gate.draining = True
     await health.enter_graceful_shutdown()
     # A second signal during the drain cuts it short (an impatient Ctrl-C, or an orchestrator's retry).
     force = asyncio.Event()
@@ -155,8 +150,19 @@ async def serve(
             loop.add_signal_handler(sig, force.set)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
-    idle = asyncio.ensure_future(gate.wait_idle(settings.grace_seconds))
     forced = asyncio.ensure_future(force.wait())
+    if settings.drain_delay_seconds > 0 and not force.is_set():
+        # A load balancer that polls health needs a moment to stop routing here; calls it already sent would
+        # fail if refused now, since a proxy cannot retry a call once it has forwarded it.
+        log.info("NOT_SERVING; still serving for %.1fs before draining", settings.drain_delay_seconds)
+        await asyncio.wait({forced}, timeout=settings.drain_delay_seconds)
+    log.info(
+        "draining: NOT_SERVING, refusing new requests, %d in flight, grace %.1fs",
+        gate.in_flight,
+        settings.grace_seconds,
+    )
+    gate.draining = True
+    idle = asyncio.ensure_future(gate.wait_idle(settings.grace_seconds))
     await asyncio.wait({idle, forced}, return_when=asyncio.FIRST_COMPLETED)
     forced.cancel()
     if not (idle.done() and idle.result()):

@@ -100,6 +100,13 @@ class Settings:
     grace_seconds: float = field(
         default=30.0, metadata=_help("on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     )
+    drain_delay_seconds: float = field(
+        default=0.0,
+        metadata=_help(
+            "on SIGTERM/SIGINT, keep serving this long while health reports NOT_SERVING, so that load balancers "
+            "stop sending new calls before the server refuses them"
+        ),
+    )
     ready_file: Path | None = field(
         default=None, metadata=_help("write {grpc_port, metrics_port, pid} as JSON here once SERVING")
     )
@@ -197,6 +204,8 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--max-message-bytes must be at least 1024")
     if not s.grace_seconds >= 0:
         problems.append("--grace-seconds must be 0 or more")
+    if not s.drain_delay_seconds >= 0:
+        problems.append("--drain-delay-seconds must be 0 or more")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         problems.append("--log-level must be DEBUG, INFO, WARNING or ERROR")
     if problems:

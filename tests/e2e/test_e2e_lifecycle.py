@@ -168,6 +168,33 @@ def test_graceful_drain_under_load(models):
         assert drained and int(drained.group(1)) > 0, srv.logs()  # the drain did wait for work in flight
 
 
+def test_drain_delay_keeps_serving_while_not_serving(models):
+    # With --drain-delay-seconds, health turns NOT_SERVING at SIGTERM (load balancers stop routing here) while
+    # calls still succeed; only after the delay are new calls refused.
+    with (
+        start(models, "--drain-delay-seconds", "3") as srv,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        srv.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while health(channel, "") != NOT_SERVING:
+            assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+            time.sleep(0.005)
+        assert stub.Classify(pb.ClassifyRequest(texts=["still here"]), timeout=10).results
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                stub.Classify(pb.ClassifyRequest(texts=["still here"]), timeout=10)
+            except grpc.RpcError as exc:
+                assert exc.code() is grpc.StatusCode.UNAVAILABLE
+                break
+            assert time.monotonic() < deadline, "calls were never refused after the drain delay"
+            time.sleep(0.05)
+        assert srv.wait(60) == 0
+        assert "still serving for 3.0s" in srv.logs()
+
+
 def test_device_cuda_fails_clearly_when_cuda_is_not_active(models):
     srv = ServerProcess(models, args=["--device", "cuda"])
     try:

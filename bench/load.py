@@ -319,6 +319,7 @@ class _Stream:
     tokens: list[int] = field(default_factory=list)
     done: float | None = None
     code: str = "OK"
+    server_ttft: float | None = None  # the server's own figure, from the last message's timings
 
 
 def generate_request(model: str, prompt: str, max_new_tokens: int) -> pb.GenerateRequest:
@@ -364,6 +365,8 @@ async def generate_closed_loop(
                         if message.token_ids:
                             record.arrivals.append(clock())
                             record.tokens.append(len(message.token_ids))
+                        if message.finish_reason:
+                            record.server_ttft = message.timings.time_to_first_token_seconds
                 except grpc.aio.AioRpcError as e:
                     record.code = e.code().name
                 record.done = clock()
@@ -390,6 +393,7 @@ def _generation_point(
     itl: list[float] = []
     per_stream: list[float] = []
     generated: list[int] = []
+    server_ttft: list[float] = []
     codes: Counter[str] = Counter()
     for r in records:
         for i, (t, n) in enumerate(zip(r.arrivals, r.tokens)):
@@ -404,6 +408,8 @@ def _generation_point(
             if r.code == "OK" and r.tokens:
                 per_stream.append(sum(r.tokens) / (r.done - r.sent))
                 generated.append(sum(r.tokens))
+                if r.server_ttft is not None:
+                    server_ttft.append(r.server_ttft)
     return {
         "streams": streams,
         "window_s": round(seconds, 3),
@@ -411,6 +417,9 @@ def _generation_point(
         "codes": dict(codes),
         "tokens_per_s": round(tokens_in_window / seconds, 2),
         "ttft_ms": latency_summary(ttft),
+        # The server's time to first token (arrival to first token, its Timings): the client sees a token only
+        # when its text is complete UTF-8, which random weights may delay to the end of the stream.
+        "server_ttft_ms": latency_summary(server_ttft),
         "itl_ms": latency_summary(itl),
         "per_stream_tokens_per_s": round(sum(per_stream) / len(per_stream), 2) if per_stream else None,
         # fewer than max_new_tokens when a stream ended on its end-of-sequence token

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,10 @@ def _summary(name: str, figures: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _ARGV[:] = argv
@@ -245,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.ERROR, logging.getLogger().level))
     from export.errors import ExportError
 
+    # SIGTERM unwinds like Ctrl-C, so that the temporary output folder is removed on the way out.
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         if args.command == "classifier":
             results = {"classifier": run_classifier(args)}

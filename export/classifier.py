@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from export.tokenization import encode_right_padded, load_checkpoint_tokenizer
+from export.training import run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -201,33 +202,21 @@ def train(
     if steps <= 0:
         return None
     model = loaded.model
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
     rng = random.Random(seed)
     queue: list[list[int]] = []
-    smoothed = None
-    with tqdm(total=steps, desc="training", unit="step", disable=None) as bar:
-        for step in range(1, steps + 1):
-            if not queue:
-                queue = batches(len(texts), batch_size, rng)
-            index = queue.pop()
-            inputs = _tensors(loaded, [texts[i] for i in index], max_length)
-            logits, _ = model(**inputs)
-            loss = nn.functional.cross_entropy(logits, torch.tensor([labels[i] for i in index]))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
-            bar.set_postfix(loss=f"{smoothed:.4f}")
-            bar.update()
-            if bar.disable and (step % max(1, steps // 10) == 0 or step == steps):
-                # No terminal, no bar: a line every tenth of the way, for logs.
-                logger.info("step %d/%d, loss %.4f", step, steps, smoothed)
-    model.eval()
-    return smoothed
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        nonlocal queue
+        if not queue:
+            queue = batches(len(texts), batch_size, rng)
+        index = queue.pop()
+        inputs = _tensors(loaded, [texts[i] for i in index], max_length)
+        logits, _ = model(**inputs)
+        return nn.functional.cross_entropy(logits, torch.tensor([labels[i] for i in index]))
+
+    return run_steps(model, optimizer, schedule, steps, loss_of_step)
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from export.tokenization import EOS, load_checkpoint_tokenizer
+from export.training import run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -105,28 +106,15 @@ def train(
         raise ExportError("the training corpus is too short to train on (fewer than 3 tokens)")
     generator = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(stream)
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.1, betas=(0.9, 0.95))
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    smoothed = None
-    with tqdm(total=steps, desc="training", unit="step", disable=None) as bar:
-        for step in range(1, steps + 1):
-            starts = torch.randint(0, len(data) - length, (batch_size,), generator=generator)
-            batch = torch.stack([data[s:s + length + 1] for s in starts.tolist()])  # (B, T+1)
-            loss = _loss(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
-            bar.set_postfix(loss=f"{smoothed:.3f}")
-            bar.update()
-            if bar.disable and (step % max(1, steps // 10) == 0 or step == steps):
-                # No terminal, no bar: a line every tenth of the way, for logs.
-                logger.info("step %d/%d, loss %.4f", step, steps, smoothed)
-    model.eval()
-    return smoothed
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        starts = torch.randint(0, len(data) - length, (batch_size,), generator=generator)
+        batch = torch.stack([data[s:s + length + 1] for s in starts.tolist()])  # (B, T+1)
+        return _loss(model, batch)
+
+    return run_steps(model, optimizer, schedule, steps, loss_of_step)
 
 
 def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

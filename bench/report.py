@@ -107,6 +107,28 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def headline(results: dict[str, Any], stem: str, link_prefix: str = "") -> str:
+    """The part of the results a README shows: the machine, the notes, the comparisons, the plots (links
+    prefixed with `link_prefix`, the way from the README's folder to the results folder)."""
+    machine = results.get("machine", {})
+    minutes = results.get("elapsed_s", 0) / 60
+    lines = [
+        (f"Latest results: `{results.get('machine_slug')}`, {results.get('created', '')[:10]} (commit "
+         f"{machine.get('git_commit')}, {minutes:.0f} minutes); every figure is in [{stem}.json]"
+         f"({link_prefix}{stem}.json), every table in [{stem}.md]({link_prefix}{stem}.md)."),
+        "",
+        f"- Machine: {machine_line(machine)}.",
+    ]
+    lines += [f"- {note}" for note in results.get("notes", [])]
+    lines += ["", ("Each ratio is a/b, the median of the per-round ratios (both sides in the same run, "
+                   "alternating); for latency (p50 ms) lower is better."), ""]
+    lines += _table(["comparison", "model", "metric", "a", "b", "ratio", "per round", "target", "met"],
+                    comparison_rows(results))
+    for kind, file in results.get("plots", {}).items():
+        lines += [f"![{kind}]({link_prefix}{file})", ""]
+    return "\n".join(lines)
+
+
 def _model_line(model: dict[str, Any]) -> str:
     return (f"{model.get('model_type')}, {model.get('num_layers')} layers, hidden {model.get('hidden_size')}, "
             f"{model.get('fp32_megabytes')} MB fp32")

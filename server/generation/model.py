@@ -49,6 +49,9 @@ class GeneratorModel:
         self.head_size = int(arch["head_size"])
         self.context_length = config.max_sequence_length
         self.vocab_size = int(arch.get("vocab_size") or self.tokenizer.get_vocab_size())
+        # Logit columns past the tokenizer's vocabulary (a model whose corpus gave fewer BPE merges than it has
+        # rows) are ids that decode to nothing: never sampled, by slicing them off.
+        self.sampled_vocab_size = min(self.vocab_size, int(arch.get("tokenizer_vocab_size") or self.vocab_size))
         gen = config.generation
         self.max_new_tokens = int(gen.get("max_new_tokens", self.context_length - 1))
         self.default_max_new_tokens = min(int(gen.get("default_max_new_tokens", 64)), self.max_new_tokens)
@@ -110,7 +113,7 @@ class GeneratorModel:
             feeds[f"past_key_values.{i}.key"] = past.keys[i]
             feeds[f"past_key_values.{i}.value"] = past.values[i]
         outputs = self.session.run(self.output_names, feeds, keep=self.present_names)
-        logits = outputs[0][:, -1, :]
+        logits = outputs[0][:, -1, : self.sampled_vocab_size]
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
         return logits, KVCache(outputs[1::2], outputs[2::2], mask)

@@ -320,3 +320,26 @@ def test_io_binding_path_gives_the_same_tokens(generator, generator_config):
         finally:
             s.close(10)
     assert outputs[0] == outputs[1]
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(generator, registry):
+    # A GPT-2-sized model trained on a small corpus has more logit rows than its tokenizer has ids.
+    import dataclasses
+
+    from server.generation.model import GeneratorModel
+
+    config = generator.config
+    small = 40
+    config = dataclasses.replace(config, architecture={**config.architecture, "tokenizer_vocab_size": small})
+    model = GeneratorModel(config, generator.session)
+    s = GenerationScheduler(model, max_active_sequences=4, max_queue_size=32, metrics=Metrics(registry))
+    s.start()
+    try:
+        sinks = [Collector() for _ in range(4)]
+        for seed, sink in enumerate(sinks):
+            params = SamplingParams(max_new_tokens=24, temperature=5.0, seed=seed, logprobs=True)
+            s.submit(GenerateRequest("docgpt", "def load(path):", params), sink)
+        ids = [t for sink in sinks for t in sink.result().token_ids]
+    finally:
+        s.close(10)
+    assert ids and max(ids) < small, ids

@@ -51,7 +51,9 @@ class GeneratorModel:
         self.vocab_size = int(arch.get("vocab_size") or self.tokenizer.get_vocab_size())
         # Logit columns past the tokenizer's vocabulary (a model whose corpus gave fewer BPE merges than it has
         # rows) are ids that decode to nothing: never sampled, by slicing them off.
-        self.sampled_vocab_size = min(self.vocab_size, int(arch.get("tokenizer_vocab_size") or self.vocab_size))
+        self.sampled_vocab_size = min(
+            self.vocab_size, int(arch.get("tokenizer_vocab_size") or self.vocab_size)
+        )
         gen = config.generation
         self.max_new_tokens = int(gen.get("max_new_tokens", self.context_length - 1))
         self.default_max_new_tokens = min(int(gen.get("default_max_new_tokens", 64)), self.max_new_tokens)

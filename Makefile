@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODELS ?= models
 ARGS   ?=
 
-.PHONY: install serve models test protos lint tools clean
+.PHONY: install serve test protos lint tools clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The demo model repository, built once (under 5 minutes on 2 cores).
-$(MODELS)/.built: | $(VENV)/.installed
-	$(BIN)/python -m export demo --out $(MODELS) --force
-	touch $@
+# The demo model repository, built only when $(MODELS) does not exist (a few minutes on 2 cores); the exporter
+# writes it atomically, so a failed build leaves no half-written folder behind, and a folder of your own
+# models is never replaced. `make models` builds it alone.
+$(MODELS): | $(VENV)/.installed
+	$(BIN)/python -m export demo --out $(MODELS)
 
-models: $(MODELS)/.built
-
-serve: $(MODELS)/.built
+serve: $(MODELS) | $(VENV)/.installed
 	$(BIN)/python -m server --models $(MODELS) $(ARGS)
 
 # Binaries the deployment tests run for real (Prometheus, nginx), unpacked from Debian's packages into .cache/.

@@ -128,7 +128,9 @@ def check_params(p: SamplingParams, max_new_tokens_limit: int) -> None:
             "parameters.max_new_tokens", f"{p.max_new_tokens}, must be in 1..{max_new_tokens_limit}"
         )
     if math.isnan(p.temperature) or math.isinf(p.temperature) or p.temperature < 0:
-        raise InvalidInput("parameters.temperature", f"{p.temperature}, must be 0 (greedy) or more")
+        raise InvalidInput(
+            "parameters.temperature", f"{p.temperature}, must be a finite number, 0 (greedy) or more"
+        )
     if p.top_k < 0:
         raise InvalidInput("parameters.top_k", f"{p.top_k}, must be 0 (off) or more")
     if math.isnan(p.top_p) or not 0.0 < p.top_p <= 1.0:

@@ -119,13 +119,17 @@ def test_profile_summary_separates_onnxruntime_from_the_rest() -> None:
         f"main (server/app.py:10);step (server/batching.py:40);{ort} 60",
         "main (server/app.py:10);step (server/batching.py:40);pad (server/classify.py:70) 30",
         "main (server/app.py:10);_poll (/usr/lib/python3.11/asyncio/base_events.py:1) 10",
+        "run (asyncio/runners.py:1);EpollSelector.select (/usr/lib/python3.11/selectors.py:468) 20",
     ])
     summary = profiling.summarize(raw)
-    assert summary["samples"] == 100
-    assert summary["onnxruntime_percent"] == 60.0
-    assert summary["top_self"][0] == {"name": "pad (server/classify.py)", "percent": 30.0}
-    assert {"name": "asyncio", "percent": 10.0} in summary["by_package"]
-    assert {"name": "main (server/app.py)", "percent": 40.0} in summary["top_total"]
+    assert summary["samples"] == 120
+    assert summary["onnxruntime_percent"] == 50.0
+    assert summary["waiting_percent"] == round(100 * 20 / 120, 1)
+    assert summary["outside_onnxruntime_percent"] == round(100 * 40 / 120, 1)
+    assert summary["top_self"][0] == {"name": "pad (server/classify.py)", "percent": 25.0}
+    assert {"name": "asyncio", "percent": round(100 * 10 / 120, 1)} in summary["by_package"]
+    assert {"name": "main (server/app.py)", "percent": round(100 * 40 / 120, 1)} in summary["top_total"]
+    assert all("select" not in e["name"] for e in summary["top_self"])  # waiting is not a cost
 
 
 def test_load_generator_against_a_real_server(quick_repo: Path, tmp_path: Path) -> None:

@@ -78,12 +78,9 @@ class KVCache:
         a, b = a.on_host(), b.on_host()
         length = max(a.length, b.length)
         return KVCache(
-            [np.concatenate([_left_pad(x, length), _left_pad(y, length)]) for x, y in zip(a.keys, b.keys)],
-            [
-                np.concatenate([_left_pad(x, length), _left_pad(y, length)])
-                for x, y in zip(a.values, b.values)
-            ],
-            np.concatenate([_left_pad_mask(a.mask, length), _left_pad_mask(b.mask, length)]),
+            [_stack_left_padded(x, y, length) for x, y in zip(a.keys, b.keys)],
+            [_stack_left_padded(x, y, length) for x, y in zip(a.values, b.values)],
+            _stack_left_padded(a.mask, b.mask, length),
         )
 
 
@@ -91,15 +88,17 @@ def _host(x: Any) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else x.numpy()  # an onnxruntime.OrtValue
 
 
-def _left_pad(x: np.ndarray, length: int) -> np.ndarray:
-    missing = length - x.shape[2]
-    if missing == 0:
-        return x
-    return np.concatenate([np.zeros((*x.shape[:2], missing, x.shape[3]), dtype=x.dtype), x], axis=2)
+def _stack_left_padded(x: np.ndarray, y: np.ndarray, length: int) -> np.ndarray:
+    """`x`'s rows then `y`'s along axis 0, each right-aligned in `length` along axis 2 (a cache) or 1 (a mask).
 
-
-def _left_pad_mask(mask: np.ndarray, length: int) -> np.ndarray:
-    missing = length - mask.shape[1]
-    if missing == 0:
-        return mask
-    return np.concatenate([np.zeros((mask.shape[0], missing), dtype=mask.dtype), mask], axis=1)
+    One allocation and one copy of each side: padding first and concatenating after would copy twice.
+    """
+    axis = 2 if x.ndim == 4 else 1
+    shape = list(x.shape)
+    shape[0], shape[axis] = x.shape[0] + y.shape[0], length
+    out = np.zeros(shape, dtype=x.dtype)
+    index: list[slice] = [slice(None)] * x.ndim
+    for rows, part in ((slice(0, x.shape[0]), x), (slice(x.shape[0], None), y)):
+        index[0], index[axis] = rows, slice(length - part.shape[axis], None)
+        out[tuple(index)] = part
+    return out

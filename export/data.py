@@ -63,18 +63,7 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
 
 
 def _read_rows(path: Path, fmt: str, header: bool) -> tuple[list[str], list[dict[str, object]]]:
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ExportError(f"data file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ExportError(f"data file {path} is a folder") from None
-    except UnicodeDecodeError as exc:
-        raise ExportError(f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ExportError(f"cannot read data file {path}: {exc.strerror}") from None
-    if not raw.strip():
-        raise ExportError(f"data file {path} is empty")
+    raw = _read_text(path, "data file", encoding="utf-8-sig")
     if fmt == "jsonl":
         rows: list[dict[str, object]] = []
         for number, line in enumerate(raw.splitlines(), start=1):
@@ -157,16 +146,21 @@ def sorted_label_names(labels: list[str]) -> list[str]:
 
 def read_corpus(path: Path) -> str:
     """Reads a UTF-8 text corpus; an empty one (only white space) is an error."""
+    return _read_text(path, "corpus", encoding="utf-8")
+
+
+def _read_text(path: Path, what: str, encoding: str) -> str:
+    """The whole file as text; a missing, unreadable, non-UTF-8 or blank file is an ExportError naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding=encoding)
     except FileNotFoundError:
-        raise ExportError(f"corpus {path} does not exist") from None
+        raise ExportError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
-        raise ExportError(f"corpus {path} is a folder") from None
+        raise ExportError(f"{what} {path} is a folder") from None
     except UnicodeDecodeError as exc:
-        raise ExportError(f"corpus {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ExportError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
-        raise ExportError(f"cannot read corpus {path}: {exc.strerror}") from None
+        raise ExportError(f"cannot read {what} {path}: {exc.strerror}") from None
     if not text.strip():
-        raise ExportError(f"corpus {path} is empty")
+        raise ExportError(f"{what} {path} is empty")
     return text

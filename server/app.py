@@ -3,8 +3,8 @@ servicer, health (grpc.health.v1), reflection, the Prometheus endpoint, signals 
 
 Life of the process:
 1. the gRPC port opens at once with every health service NOT_SERVING, so orchestrators can watch start-up;
-2. each model loads (its execution provider checked) and warms up off the event loop; its health service
-   turns SERVING; once all are, "" and nlpserve.v1.InferenceService turn SERVING and the ready file is written;
+2. each model loads (its execution provider checked) and warms up off the event loop; once all have, every
+   model's health service, then "" and nlpserve.v1.InferenceService, turn SERVING and the ready file is written;
 3. on SIGTERM or SIGINT every health service turns NOT_SERVING; after `drain_delay_seconds` (0 by default) of
    serving on, so that load balancers can notice, new requests get UNAVAILABLE, in-flight requests and streams
    get `grace_seconds` to finish, then the server stops and the process exits 0.
@@ -124,8 +124,12 @@ async def serve(
                 break
             served = await asyncio.to_thread(load_model, config, settings, metrics)
             hub.add(served)
-    except StartupError as exc:
-        log.error("%s", exc)
+    except Exception as exc:  # a StartupError says what is wrong; anything else (a corrupt .onnx) too
+        if isinstance(exc, StartupError):
+            log.error("%s", exc)
+        else:
+            log.error("cannot load model %s: %s: %s", config.name, type(exc).__name__, exc)
+            log.debug("load failure", exc_info=True)
         await server.stop(0)
         if httpd is not None:
             httpd.shutdown()

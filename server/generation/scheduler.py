@@ -77,6 +77,8 @@ class SequenceHandle:
 # The decoder returns logits for every prompt position, (B, T, vocab) float32: a batch of long prompts on a
 # 50k vocabulary would take gigabytes, so a prefill is split to keep that array under this size.
 PREFILL_LOGITS_BYTES = 256 * 1024 * 1024
+# Prompts longer than this (in characters) are tokenized in a worker thread rather than on the event loop.
+LONG_PROMPT_CHARS = 16 * 1024
 
 
 def prefill_chunks(group: list[_Sequence], vocab_size: int) -> list[list[_Sequence]]:
@@ -122,7 +124,6 @@ class GenerationScheduler:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._deliver: Deliver = _call_each
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._m = metrics
         if metrics is not None:
             self._m_queue_depth = metrics.queue_depth.labels(self.name)
@@ -141,7 +142,6 @@ class GenerationScheduler:
         """Starts the decode thread. With `loop`, sinks are called on that event loop (one hop per step);
         without, in the decode thread itself (in-process use, benchmarks)."""
         if loop is not None:
-            self._loop = loop
             self._deliver = lambda pairs: loop.call_soon_threadsafe(_call_each, pairs)
         self._thread = threading.Thread(target=self._run, name=f"decode-{self.name}", daemon=True)
         self._thread.start()
@@ -162,10 +162,17 @@ class GenerationScheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, request: GenerateRequest, sink: Sink, deadline: float | None = None) -> SequenceHandle:
-        """Validates and queues `request`; its chunks (or one exception) go to `sink`. Raises InvalidInput,
-        Overloaded (waiting queue full) or Unavailable (closing) at once."""
-        prepared = self.model.prepare(request)
+    def submit(
+        self,
+        request: GenerateRequest,
+        sink: Sink,
+        deadline: float | None = None,
+        prepared: PreparedRequest | None = None,
+    ) -> SequenceHandle:
+        """Validates and queues `request` (`prepared`: already tokenized and checked); its chunks (or one
+        exception) go to `sink`. Raises InvalidInput, Overloaded (waiting queue full) or Unavailable (closing)
+        at once."""
+        prepared = prepared or self.model.prepare(request)
         params = request.params
         seq = _Sequence(
             prepared=prepared,
@@ -193,7 +200,11 @@ class GenerationScheduler:
         """The asyncio front: yields the chunks of one request. Leaving the iteration early (client gone,
         cancelled) cancels the sequence, which leaves the batch at the next step boundary."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        handle = self.submit(request, queue.put_nowait, deadline)
+        prepared = None
+        if len(request.prompt) > LONG_PROMPT_CHARS:
+            # Tokenizing a prompt of megabytes takes seconds: not on the event loop, which serves everyone.
+            prepared = await asyncio.to_thread(self.model.prepare, request)
+        handle = self.submit(request, queue.put_nowait, deadline, prepared)
         try:
             while True:
                 event = await queue.get()
@@ -210,6 +221,8 @@ class GenerationScheduler:
         return join_chunks([chunk async for chunk in self.stream(request, deadline)])
 
     def _cancel(self, seq: _Sequence) -> None:
+        if seq.finished:
+            return  # every stream cancels its handle when it ends: nothing to look for
         seq.cancelled = True
         with self._cond:
             try:
@@ -241,7 +254,7 @@ class GenerationScheduler:
             except Exception as exc:  # a bug, not a model error: fail what is running, keep the thread alive
                 log.exception("model %s: the scheduler failed; failing the running sequences", self.name)
                 running = [s for s in {*self._active, *admitted} if not s.finished]
-                events = [(seq.sink, exc) for seq in running]
+                events.extend((seq.sink, exc) for seq in running)  # keep what finished before it
                 self._active, self._cache = [], None
             with self._cond:
                 self._gauges()

@@ -125,6 +125,7 @@ def test_logprobs(stub):
         ("x", {"stop": [""]}, "stop[0]"),
         ("x", {"stop": [str(i) for i in range(9)]}, "stop"),
         ("word " * 1000, {}, "prompt"),
+        ("word " * 20_000, {}, "prompt"),  # long enough to be tokenized off the event loop
     ],
 )
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])

@@ -245,3 +245,16 @@ def test_variant_in_use_is_reported(models, variant):
             )
         assert stub.Classify(pb.ClassifyRequest(texts=["good"]), timeout=30).results
         assert stub.Generate(gen_request(4), timeout=30).usage.generated_tokens >= 1
+
+
+def test_a_corrupt_model_file_fails_start_up_with_one_line(models, tmp_path: Path):
+    import shutil
+
+    repo = tmp_path / "models"
+    shutil.copytree(models, repo)
+    (repo / "docgpt" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(RuntimeError) as exc:
+        ServerProcess(repo).start()
+    message = str(exc.value)
+    assert "exited with 1" in message
+    assert "cannot load model docgpt" in message and "Traceback" not in message

@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MODELS ?= models
 ARGS   ?=
+# Where pip finds torch's CPU build; this machine's pip is already set up for it. Elsewhere, e.g.
+# make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
 
 .PHONY: install serve test protos lint tools clean
 
@@ -11,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch pulls gigabytes of CUDA packages.
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(BIN)/pip install --quiet -e '.[all]'
 	touch $@
 

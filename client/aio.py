@@ -15,7 +15,7 @@ from .proto import inference_pb2_grpc as pb_grpc
 from .types import ClassifyResult, Generation, GenerationChunk, ModelInfo
 
 if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self is Python 3.11+
+    from typing import Self
 
 
 class AsyncClient:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -23,22 +24,46 @@ BUILTIN_DATA = "builtin:sentiment"
 BUILTIN_CORPORA = ("builtin:docstrings", "builtin:quick")
 
 
+def _number(text: str, kind: type) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
 
 
+def _context(text: str) -> int:
+    value = _number(text, int)
+    if value < 16:  # the parity check feeds prompts of up to 12 tokens and generates after them
+        raise argparse.ArgumentTypeError(f"{text} is under 16 tokens")
+    return value
+
+
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
     return value
@@ -90,10 +115,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--pooling", choices=["cls", "mean", "max"], default="cls")
     c.add_argument("--no-embedding", action="store_true", help="no `embedding` output")
     c.add_argument("--max-length", type=_positive, default=128, help="tokens per text (default 128)")
-    c.add_argument("--epochs", type=float, default=3.0)
+    c.add_argument("--epochs", type=_positive_float, default=3.0)
     c.add_argument("--steps", type=_non_negative, help="training steps (overrides --epochs; 0: no training)")
     c.add_argument("--batch-size", type=_positive, default=16)
-    c.add_argument("--learning-rate", type=float, help="default 5e-5 (pretrained), 5e-4 (scratch)")
+    c.add_argument("--learning-rate", type=_positive_float, help="default 5e-5 (pretrained), 5e-4 (scratch)")
     c.add_argument("--seed", type=int, default=0)
     _variant_options(c)
 
@@ -106,11 +131,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=_positive, default=4)
     g.add_argument("--heads", type=_positive, default=4)
     g.add_argument("--width", type=_positive, default=256, help="embedding width (n_embd)")
-    g.add_argument("--context", type=_positive, default=256, help="context length (n_positions)")
+    g.add_argument("--context", type=_context, default=256, help="context length (n_positions), 16 or more")
     g.add_argument("--vocab-size", type=_positive, default=8192, help="BPE vocabulary (and logits) size")
     g.add_argument("--steps", type=_non_negative, default=500, help="training steps (0: random weights)")
     g.add_argument("--batch-size", type=_positive, default=16)
-    g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument("--learning-rate", type=_positive_float, default=1e-3)
     g.add_argument("--val-fraction", type=_fraction, default=0.1)
     g.add_argument("--verify-tokens", type=_positive, default=64, help="greedy tokens in the parity check")
     g.add_argument("--seed", type=int, default=0)

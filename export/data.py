@@ -83,6 +83,8 @@ def _read_rows(path: Path, fmt: str, header: bool) -> tuple[list[str], list[dict
     quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
     reader = csv.reader(raw.splitlines(), delimiter=delimiter, quoting=quoting)
     table = [row for row in reader if row and any(cell.strip() for cell in row)]
+    if len(table) < (2 if header else 1):
+        raise ExportError(f"data file {path} has no rows{' under its header' if header else ''}")
     if header:
         columns, body = [c.strip() for c in table[0]], table[1:]
     else:

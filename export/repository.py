@@ -89,7 +89,7 @@ def provenance(source: str, data: str, command: list[str] | None = None) -> dict
     return {
         "source": source,
         "data": data,
-        "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         "command": shlex.join(argv),
         "versions": library_versions(),
     }

@@ -55,6 +55,7 @@ def labelled(tmp_path: Path) -> Path:
         ("unreadable base", "cannot load checkpoint folder"),
         ("missing base", "does not exist"),
         ("import without config", "has no config.json"),
+        ("header only", "has no rows under its header"),
     ],
 )
 def test_classifier_bad_input(case: str, message: str, tmp_path: Path, labelled: Path, capsys) -> None:
@@ -76,6 +77,9 @@ def test_classifier_bad_input(case: str, message: str, tmp_path: Path, labelled:
             base.mkdir()
             (base / "config.json").write_text("{ this is not json")
         argv = ["classifier", "--out", str(out), "--data", str(labelled), "--base", str(base)]
+    elif case == "header only":
+        (tmp_path / "header.csv").write_text("text,label\n , \n")
+        argv[4] = str(tmp_path / "header.csv")
     elif case == "import without config":
         (tmp_path / "ckpt").mkdir()
         argv = ["classifier", "--out", str(out), "--import", str(tmp_path / "ckpt")]
@@ -201,3 +205,20 @@ def test_import_local_checkpoints(tmp_path: Path, capsys) -> None:
     assert config["special_tokens"]["eos"] == eos
     assert config["quality"]["parity"]["fp32"]["token_identical"] is True
     assert "val_loss" in config["quality"]["eval"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["classifier", "--data", "builtin:sentiment", "--epochs", "nan"],
+        ["classifier", "--data", "builtin:sentiment", "--learning-rate", "abc"],
+        ["generator", "--corpus", "builtin:quick", "--context", "8"],
+    ],
+)
+def test_bad_numbers_are_usage_errors(argv: list[str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m"
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err and argv[-2] in err.splitlines()[-1]
+    assert not out.exists()

@@ -34,7 +34,6 @@ class ServedModel:
     description: ModelDescription
     classifier: ClassifierModel | None = None
     batcher: DynamicBatcher | None = None
-    generator: GeneratorModel | None = None
     scheduler: GenerationScheduler | None = None
     ready: bool = False
 
@@ -118,7 +117,7 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             logits, cache = model.decode(
                 [int(t) for t in logits.argmax(-1)], [len(ids) + step, 1 + step], cache
             )
-        served = ServedModel(description, generator=model, scheduler=scheduler)
+        served = ServedModel(description, scheduler=scheduler)
     log.info(
         "model %s v%s (%s, %s, %s) warmed up in %.2fs",
         config.name,

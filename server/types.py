@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 
 from client.proto import inference_pb2 as pb
 
-CLASSIFIER = "classifier"
-GENERATOR = "generator"
+from .repository import CLASSIFIER, GENERATOR
+
 _KINDS = {CLASSIFIER: pb.MODEL_KIND_CLASSIFIER, GENERATOR: pb.MODEL_KIND_GENERATOR}
 
 
@@ -229,7 +228,3 @@ class ModelDescription:
             embedding_size=self.embedding_size,
             ready=ready,
         )
-
-
-def is_finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

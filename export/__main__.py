@@ -163,7 +163,7 @@ def run_classifier(args: argparse.Namespace) -> dict[str, Any]:
     from export.errors import ExportError
     from export.repository import check_output, staged_output
 
-    check_output(args.out, args.force)
+    check_output(args.out / str(args.version), args.force)
     if args.import_dir is None and not args.data:
         raise ExportError("--data is required (unless --import)")
     label_names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
@@ -192,7 +192,8 @@ def run_classifier(args: argparse.Namespace) -> dict[str, Any]:
         val_fraction=args.val_fraction, seed=args.seed, variants=_variants(args),
         data_description=(data.source if data else None), command=_command(),
     )
-    with staged_output(args.out, args.force) as stage:
+    # Only this version's folder is written: other versions of the model stay beside it.
+    with staged_output(args.out / str(args.version), args.force) as stage:
         figures = build(opts, stage)
     figures["path"] = str(args.out / str(args.version))
     return figures
@@ -206,7 +207,7 @@ def run_generator(args: argparse.Namespace) -> dict[str, Any]:
     from export.errors import ExportError
     from export.repository import check_output, staged_output
 
-    check_output(args.out, args.force)
+    check_output(args.out / str(args.version), args.force)
     if args.import_dir is None and not args.corpus:
         raise ExportError("--corpus is required (unless --import)")
     corpus, description = None, ""
@@ -223,7 +224,8 @@ def run_generator(args: argparse.Namespace) -> dict[str, Any]:
         val_fraction=args.val_fraction, seed=args.seed, variants=_variants(args), verify_tokens=args.verify_tokens,
         command=_command(),
     )
-    with staged_output(args.out, args.force) as stage:
+    # Only this version's folder is written: other versions of the model stay beside it.
+    with staged_output(args.out / str(args.version), args.force) as stage:
         figures = build(opts, stage)
     figures["path"] = str(args.out / str(args.version))
     return figures

@@ -97,8 +97,8 @@ def _checkpoint_labels(data: LabelledData, labels: list[str]) -> list[int]:
     raise ExportError(f"the data's labels {data.names} are not the checkpoint's {labels}")
 
 
-def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
-    """Writes model_dir/<version>/ and returns the summary figures."""
+def build(opts: ClassifierOptions, version_dir: Path) -> dict[str, Any]:
+    """Writes the model version into `version_dir` (models/NAME/VERSION) and returns the summary figures."""
     torch.manual_seed(opts.seed)
     started = time.monotonic()
     data = opts.data
@@ -168,8 +168,7 @@ def build(opts: ClassifierOptions, model_dir: Path) -> dict[str, Any]:
         eval_figures = {"accuracy": round(torch_accuracy, 4), "examples": len(eval_texts)}
         logger.info("held-out accuracy %.4f on %d examples", torch_accuracy, len(eval_texts))
 
-    version_dir = model_dir / str(opts.version)
-    version_dir.mkdir(parents=True)
+    version_dir.mkdir(parents=True, exist_ok=True)
     pad_id = loaded.tokenizer.token_to_id("[PAD]")
     if pad_id is None:
         pad_id = loaded.tokenizer.token_to_id("<pad>") or 0

@@ -76,7 +76,7 @@ def _prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [ids[0:3], ids[3:10], ids[10:22]]
 
 
-def build(opts: GeneratorOptions, model_dir: Path) -> dict[str, Any]:
+def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
     torch.manual_seed(opts.seed)
     started = time.monotonic()
     figures: dict[str, Any] = {}
@@ -120,8 +120,7 @@ def build(opts: GeneratorOptions, model_dir: Path) -> dict[str, Any]:
         eval_figures = gen.evaluate(model, val_stream, context=config.n_positions)
         logger.info("validation loss %s, perplexity %s", eval_figures.get("val_loss"), eval_figures.get("perplexity"))
 
-    version_dir = model_dir / str(opts.version)
-    version_dir.mkdir(parents=True)
+    version_dir.mkdir(parents=True, exist_ok=True)
     fp32_path = version_dir / VARIANT_FILES["fp32"]
     t0 = time.monotonic()
     export_generator(model, fp32_path)

@@ -82,6 +82,6 @@ def build(out: Path, *, quick: bool, force: bool, variants: tuple[str, ...], com
         # parallel) OpenMP's spinning threads make every small operation many times slower.
         torch.set_num_threads(1)
     with staged_output(out, force) as stage:
-        sentiment = build_classifier(classifier_options(quick, variants, command), stage / CLASSIFIER_NAME)
-        docgpt = build_generator(generator_options(quick, variants, command), stage / GENERATOR_NAME)
+        sentiment = build_classifier(classifier_options(quick, variants, command), stage / CLASSIFIER_NAME / "1")
+        docgpt = build_generator(generator_options(quick, variants, command), stage / GENERATOR_NAME / "1")
     return {CLASSIFIER_NAME: sentiment, GENERATOR_NAME: docgpt}

@@ -49,6 +49,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     existing `out` only with `force`) and removes it when the block fails."""
     check_output(out, force)
     out = out.resolve()
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # removed again on failure
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -67,6 +68,9 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+            for folder in created:  # innermost first; only the ones this call made, and only if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     logger.info("wrote %s", out)
 
 

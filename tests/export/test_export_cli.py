@@ -159,10 +159,15 @@ def test_multiclass_classifier_keeps_label_names(tmp_path: Path, labelled: Path,
     assert config["architecture"]["num_layers"] == 1 and config["architecture"]["hidden_size"] == 16
     assert config["provenance"]["data"] == str(labelled)
     assert "--pooling max" in config["provenance"]["command"]
-    # --force replaces the whole folder
+    # Another version goes beside it; an existing version is replaced only with --force.
+    code, _, err = run(["classifier", "--out", str(out), "--data", str(labelled), *TINY_CLASSIFIER], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["1", "3"]
+    code, _, err = run(["classifier", "--out", str(out), "--data", str(labelled), *TINY_CLASSIFIER], capsys)
+    assert code == 2 and "pass --force" in err
     code, _, err = run(["classifier", "--out", str(out), "--data", str(labelled), "--force", *TINY_CLASSIFIER], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["1"]
+    assert sorted(p.name for p in out.iterdir()) == ["1", "3"]
 
 
 def test_import_local_checkpoints(tmp_path: Path, capsys) -> None:

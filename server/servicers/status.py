@@ -108,21 +108,14 @@ def unary(method: str) -> Callable:
         async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.monotonic()
             call = _start(method, context)
-            try:
-                self.gate.enter()
-            except Unavailable as exc:
-                _finish(self.metrics, call, grpc.StatusCode.UNAVAILABLE, started)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await _enter(self, call, context, started)
             try:
                 response = await f(self, request, context, call)
             except asyncio.CancelledError:
                 _finish(self.metrics, call, _cancelled_code(call), started)
                 raise
             except Exception as exc:  # noqa: BLE001 - the one mapping of errors to status codes
-                code, message = status_of(exc)
-                _log_unexpected(call, exc)
-                _finish(self.metrics, call, code, started)
-                await context.abort(code, message)
+                await _fail(self, call, context, exc, started)
             else:
                 _finish(self.metrics, call, grpc.StatusCode.OK, started)
                 return response
@@ -134,6 +127,25 @@ def unary(method: str) -> Callable:
     return wrap
 
 
+async def _enter(servicer: Any, call: Call, context: grpc.aio.ServicerContext, started: float) -> None:
+    """Admits the call through the drain gate, or ends it with UNAVAILABLE (counted)."""
+    try:
+        servicer.gate.enter()
+    except Unavailable as exc:
+        _finish(servicer.metrics, call, grpc.StatusCode.UNAVAILABLE, started)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+
+async def _fail(
+    servicer: Any, call: Call, context: grpc.aio.ServicerContext, exc: Exception, started: float
+) -> None:
+    """Ends the call with the status `exc` maps to (counted; an unexpected error is logged)."""
+    code, message = status_of(exc)
+    _log_unexpected(call, exc)
+    _finish(servicer.metrics, call, code, started)
+    await context.abort(code, message)
+
+
 def stream(method: str) -> Callable:
     """Wraps a server-streaming servicer method (an async generator ``f(self, request, context, call)``)."""
 
@@ -142,11 +154,7 @@ def stream(method: str) -> Callable:
         async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.monotonic()
             call = _start(method, context)
-            try:
-                self.gate.enter()
-            except Unavailable as exc:
-                _finish(self.metrics, call, grpc.StatusCode.UNAVAILABLE, started)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await _enter(self, call, context, started)
             try:
                 # aclosing: when the client goes away, the inner generators close now (and cancel their
                 # sequence), not whenever the garbage collector finalizes them.
@@ -157,10 +165,7 @@ def stream(method: str) -> Callable:
                 _finish(self.metrics, call, _cancelled_code(call), started)
                 raise
             except Exception as exc:  # noqa: BLE001 - the one mapping of errors to status codes
-                code, message = status_of(exc)
-                _log_unexpected(call, exc)
-                _finish(self.metrics, call, code, started)
-                await context.abort(code, message)
+                await _fail(self, call, context, exc, started)
             else:
                 _finish(self.metrics, call, grpc.StatusCode.OK, started)
             finally:

@@ -202,8 +202,7 @@ def run_classifier(args: argparse.Namespace) -> dict[str, Any]:
 def run_generator(args: argparse.Namespace) -> dict[str, Any]:
     from export.build_generator import GeneratorOptions, build
     from export.data import read_corpus
-    from export.demo import docstring_corpus
-    from export.demo_data import QUICK_CORPUS
+    from export.demo import docstring_corpus, quick_corpus
     from export.errors import ExportError
     from export.repository import check_output, staged_output
 
@@ -214,7 +213,7 @@ def run_generator(args: argparse.Namespace) -> dict[str, Any]:
     if args.corpus == "builtin:docstrings":
         corpus, description = docstring_corpus()
     elif args.corpus == "builtin:quick":
-        corpus, description = QUICK_CORPUS, "built-in multilingual sample (quick)"
+        corpus, description = quick_corpus()
     elif args.corpus:
         corpus, description = read_corpus(Path(args.corpus)), str(args.corpus)
     opts = GeneratorOptions(

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from export.errors import ExportError
+from export.errors import ExportError, check_checkpoint_folder, checkpoint_load_error
 from export.tokenization import encode_right_padded, load_checkpoint_tokenizer
 from export.training import run_steps
 
@@ -102,28 +102,16 @@ def _uses_token_types(encoder: nn.Module, config: object) -> bool:
     return accepts and getattr(config, "type_vocab_size", 0) > 1
 
 
-def _load_error(folder: Path, exc: Exception) -> ExportError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ExportError(f"cannot load checkpoint folder {folder}: {first}")
-
-
-def _check_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise ExportError(f"checkpoint folder {folder} does not exist")
-    if not (folder / "config.json").is_file():
-        raise ExportError(f"checkpoint folder {folder} has no config.json")
-
-
 def load_base(folder: Path, num_labels: int, pooling: Pooling) -> LoadedClassifier:
     """A pretrained encoder from a local checkpoint folder, with a new head."""
     from transformers import AutoModel
 
-    _check_folder(folder)
+    check_checkpoint_folder(folder)
     try:
         # Eager attention: its graph is the one onnxruntime.transformers knows how to fuse.
         encoder = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
     except Exception as exc:  # noqa: BLE001 (transformers raises OSError, ValueError, KeyError... for bad folders)
-        raise _load_error(folder, exc) from None
+        raise checkpoint_load_error(folder, exc) from None
     tokenizer = load_checkpoint_tokenizer(folder)
     uses = _uses_token_types(encoder, encoder.config)
     return LoadedClassifier(SentenceClassifier(encoder, num_labels, pooling), tokenizer, encoder.config, uses, str(folder))
@@ -156,13 +144,13 @@ def load_finetuned(folder: Path, pooling: Pooling) -> LoadedClassifier:
     """`--import`: a fine-tuned sequence-classification checkpoint, exported without training."""
     from transformers import AutoModelForSequenceClassification
 
-    _check_folder(folder)
+    check_checkpoint_folder(folder)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             folder, local_files_only=True, attn_implementation="eager"
         )
     except Exception as exc:  # noqa: BLE001 (as in load_base)
-        raise _load_error(folder, exc) from None
+        raise checkpoint_load_error(folder, exc) from None
     tokenizer = load_checkpoint_tokenizer(folder)
     config = model.config
     labels = [str(config.id2label[i]) for i in range(config.num_labels)]

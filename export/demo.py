@@ -41,6 +41,10 @@ def sentiment_data() -> LabelledData:
     )
 
 
+def quick_corpus() -> tuple[str, str]:
+    return QUICK_CORPUS, "built-in multilingual sample (quick)"
+
+
 def docstring_corpus() -> tuple[str, str]:
     documents = stdlib_docstrings()
     text = f"\n{EOS}\n".join(documents)
@@ -63,8 +67,9 @@ def classifier_options(quick: bool, variants: tuple[str, ...], command: list[str
 
 def generator_options(quick: bool, variants: tuple[str, ...], command: list[str] | None) -> GeneratorOptions:
     if quick:
+        corpus, description = quick_corpus()
         return GeneratorOptions(
-            name=GENERATOR_NAME, corpus=QUICK_CORPUS, corpus_description="built-in multilingual sample (quick)", layers=2, heads=2,
+            name=GENERATOR_NAME, corpus=corpus, corpus_description=description, layers=2, heads=2,
             width=32, context=128, vocab_size=400, steps=30, batch_size=8, learning_rate=3e-3, variants=variants,
             command=command,
         )

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from export.errors import ExportError
+from export.errors import ExportError, check_checkpoint_folder, checkpoint_load_error
 from export.tokenization import EOS, load_checkpoint_tokenizer
 from export.training import run_steps
 
@@ -46,10 +46,7 @@ def load_checkpoint(folder: Path) -> LoadedGenerator:
     """`--import`: a local GPT-2-family causal LM checkpoint and its tokenizer."""
     from transformers import AutoConfig, GPT2LMHeadModel
 
-    if not folder.is_dir():
-        raise ExportError(f"checkpoint folder {folder} does not exist")
-    if not (folder / "config.json").is_file():
-        raise ExportError(f"checkpoint folder {folder} has no config.json")
+    check_checkpoint_folder(folder)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         if config.model_type != "gpt2":
@@ -58,8 +55,7 @@ def load_checkpoint(folder: Path) -> LoadedGenerator:
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 (transformers raises OSError, ValueError, KeyError... for bad folders)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"cannot load checkpoint folder {folder}: {first}") from None
+        raise checkpoint_load_error(folder, exc) from None
     tokenizer = load_checkpoint_tokenizer(folder)
     eos = tokenizer.id_to_token(config.eos_token_id) if config.eos_token_id is not None else None
     return LoadedGenerator(model.eval(), tokenizer, eos, str(folder))

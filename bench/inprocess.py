@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,23 @@ class Decoder:
         return first, clock() - t0
 
 
+def _repeat(
+    generate: Callable[[Any, int], tuple[float, float]], inputs: Sequence[Any], max_new_tokens: int, duration_s: float
+) -> tuple[list[float], list[float]]:
+    """Runs `generate(input, max_new_tokens)` over `inputs`, round-robin, for `duration_s` (at least once);
+    returns the (time to first token, total time) of each run."""
+    firsts: list[float] = []
+    totals: list[float] = []
+    start = clock()
+    k = 0
+    while not totals or clock() - start < duration_s:
+        first, total = generate(inputs[k % len(inputs)], max_new_tokens)
+        k += 1
+        firsts.append(first)
+        totals.append(total)
+    return firsts, totals
+
+
 def measure_decoder(
     decoder: Decoder, prompts: Sequence[str], batch_size: int, max_new_tokens: int, duration_s: float
 ) -> dict[str, Any]:
@@ -233,15 +250,7 @@ def measure_decoder(
     encoded = decoder.encode(prompts, max_new_tokens)
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded) - batch_size + 1, batch_size)]
     decoder(batches[0], 1)
-    firsts: list[float] = []
-    totals: list[float] = []
-    start = clock()
-    k = 0
-    while not totals or clock() - start < duration_s:
-        first, total = decoder(batches[k % len(batches)], max_new_tokens)
-        k += 1
-        firsts.append(first)
-        totals.append(total)
+    firsts, totals = _repeat(decoder, batches, max_new_tokens, duration_s)
     tokens = batch_size * max_new_tokens * len(totals)
     return {
         "batch_size": batch_size,
@@ -304,15 +313,7 @@ def measure_torch_no_cache(
     keep = baseline.context - max_new_tokens
     encoded = [baseline.tokenizer.encode(p).ids[-keep:] or [0] for p in prompts]
     baseline(encoded[0], 2)
-    firsts: list[float] = []
-    totals: list[float] = []
-    start = clock()
-    k = 0
-    while not totals or clock() - start < duration_s:
-        first, total = baseline(encoded[k % len(encoded)], max_new_tokens)
-        k += 1
-        firsts.append(first)
-        totals.append(total)
+    firsts, totals = _repeat(baseline, encoded, max_new_tokens, duration_s)
     return {
         "batch_size": 1,
         "max_new_tokens": max_new_tokens,

@@ -80,8 +80,9 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Generates a continuation of a prompt and streams it: one message per decoded text piece; the last
-        message carries the finish reason, the token counts and the timings.
+        """Generates a continuation of a prompt and streams it: one message per decoded text piece (pieces that
+        piled up while the client fell behind come as one message); the last message carries the finish
+        reason, the token counts and the timings.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,8 +42,9 @@ class InferenceServiceStub:
     Generate: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]
     """Generates a continuation of a prompt and returns it whole."""
     GenerateStream: _grpc.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]
-    """Generates a continuation of a prompt and streams it: one message per decoded text piece; the last
-    message carries the finish reason, the token counts and the timings.
+    """Generates a continuation of a prompt and streams it: one message per decoded text piece (pieces that
+    piled up while the client fell behind come as one message); the last message carries the finish
+    reason, the token counts and the timings.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     """Lists the models the server hosts."""
@@ -58,8 +59,9 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Generate: _aio.UnaryUnaryMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
     """Generates a continuation of a prompt and returns it whole."""
     GenerateStream: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Generates a continuation of a prompt and streams it: one message per decoded text piece; the last
-    message carries the finish reason, the token counts and the timings.
+    """Generates a continuation of a prompt and streams it: one message per decoded text piece (pieces that
+    piled up while the client fell behind come as one message); the last message carries the finish
+    reason, the token counts and the timings.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models the server hosts."""
@@ -89,8 +91,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateResponse], _abc.AsyncIterator[_inference_pb2.GenerateResponse]]:
-        """Generates a continuation of a prompt and streams it: one message per decoded text piece; the last
-        message carries the finish reason, the token counts and the timings.
+        """Generates a continuation of a prompt and streams it: one message per decoded text piece (pieces that
+        piled up while the client fell behind come as one message); the last message carries the finish
+        reason, the token counts and the timings.
         """
 
     @_abc_1.abstractmethod

@@ -207,12 +207,19 @@ class GenerationScheduler:
         handle = self.submit(request, queue.put_nowait, deadline, prepared)
         try:
             while True:
-                event = await queue.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if event.finish is not None:
-                    return
+                chunks = [await queue.get()]
+                # A consumer that fell behind (a slow client, a busy event loop) gets the chunks that piled up
+                # as one message: fewer, larger messages exactly when sending them is the bottleneck.
+                while not queue.empty() and isinstance(chunks[-1], GenerationChunk) and chunks[-1].finish is None:
+                    chunks.append(queue.get_nowait())
+                error = chunks.pop() if isinstance(chunks[-1], BaseException) else None
+                if chunks:
+                    chunk = chunks[0] if len(chunks) == 1 else join_chunks(chunks)
+                    yield chunk
+                    if chunk.finish is not None:
+                        return
+                if error is not None:
+                    raise error
         finally:
             handle.cancel()
 

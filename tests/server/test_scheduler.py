@@ -226,6 +226,28 @@ def test_stream_and_unary_agree_on_the_event_loop(scheduler_on_loop_factory):
     asyncio.run(main())
 
 
+def test_a_consumer_that_falls_behind_gets_the_waiting_chunks_as_one(scheduler_on_loop_factory):
+    async def main() -> None:
+        s = scheduler_on_loop_factory()
+        request = GenerateRequest("docgpt", "def load(path):", SamplingParams(max_new_tokens=48, logprobs=True))
+        paced = [c async for c in s.stream(request)]  # keeps up: about one chunk per token
+        slow = []
+        async for chunk in s.stream(request):
+            slow.append(chunk)
+            time.sleep(0.05)  # noqa: ASYNC251 - blocks the event loop on purpose: the decode thread runs on
+        for chunks in (paced, slow):
+            assert chunks[-1].finish is not None and all(c.finish is None for c in chunks[:-1])
+            joined = join_chunks(chunks)
+            assert len(joined.token_ids) == len(joined.logprobs) == joined.usage.generated_tokens == 48
+        assert join_chunks(slow).text == join_chunks(paced).text
+        assert join_chunks(slow).token_ids == join_chunks(paced).token_ids
+        assert any(len(c.token_ids) > 1 for c in slow), "nothing was coalesced"
+        assert len(slow) < len(paced)
+        await asyncio.to_thread(s.close, 10)
+
+    asyncio.run(main())
+
+
 @pytest.fixture
 def scheduler_on_loop_factory(generator):
     def make() -> GenerationScheduler:

@@ -55,15 +55,34 @@ class Sampler:
         probs = np.exp(x)
         probs /= probs.sum()
         if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cumulative = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cumulative, p.top_p)) + 1]  # the smallest set reaching top_p
+            keep = nucleus(probs, p.top_p)
             kept = np.zeros_like(probs)
             kept[keep] = probs[keep]
             probs = kept
         cdf = np.cumsum(probs)
         token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
         return min(token, probs.shape[0] - 1)
+
+
+# Top-p looks at this many of the most likely tokens first; only a nucleus wider than that sorts the vocabulary.
+NUCLEUS_CANDIDATES = 256
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest set of most likely tokens whose probabilities reach `top_p` (ties by lower index),
+    the set a stable sort of the whole vocabulary gives, without sorting the whole vocabulary (about 6 ms per
+    row at 50k tokens) when the nucleus lies among the NUCLEUS_CANDIDATES most likely."""
+    if probs.shape[0] > NUCLEUS_CANDIDATES:
+        part = np.argpartition(-probs, NUCLEUS_CANDIDATES - 1)[:NUCLEUS_CANDIDATES]
+        order = part[np.lexsort((part, -probs[part]))]  # by probability, then by index, like a stable sort
+        cumulative = np.cumsum(probs[order])
+        count = int(np.searchsorted(cumulative, top_p)) + 1
+        # Exact only if the set ends inside the candidates and no token left out ties with its last member.
+        if count < NUCLEUS_CANDIDATES and probs[order[count - 1]] > probs[order[-1]]:
+            return order[:count]
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    return order[: int(np.searchsorted(cumulative, top_p)) + 1]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -210,7 +210,11 @@ class GenerationScheduler:
                 chunks = [await queue.get()]
                 # A consumer that fell behind (a slow client, a busy event loop) gets the chunks that piled up
                 # as one message: fewer, larger messages exactly when sending them is the bottleneck.
-                while not queue.empty() and isinstance(chunks[-1], GenerationChunk) and chunks[-1].finish is None:
+                while (
+                    not queue.empty()
+                    and isinstance(chunks[-1], GenerationChunk)
+                    and chunks[-1].finish is None
+                ):
                     chunks.append(queue.get_nowait())
                 error = chunks.pop() if isinstance(chunks[-1], BaseException) else None
                 if chunks:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.generation.sampling import Sampler, log_softmax, sample_batch
+from server.generation.sampling import NUCLEUS_CANDIDATES, Sampler, log_softmax, nucleus, sample_batch
 from server.types import SamplingParams
 
 rng = np.random.default_rng(0)
@@ -60,6 +60,27 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
     seen = set(draw(SamplingParams(temperature=1.0, top_p=0.75), 0, logits, n=300))
     assert seen == {0, 1}
+
+
+def _full_sort_nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    order = np.argsort(-probs, kind="stable")
+    return order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 3.0, 30.0])
+@pytest.mark.parametrize("top_p", [0.01, 0.5, 0.9, 0.999])
+def test_nucleus_without_a_full_sort_is_the_full_sort_s_set(temperature, top_p):
+    vocab = 50_257
+    r = np.random.default_rng(int(temperature * 1000 + top_p * 10))
+    rows = [r.normal(size=vocab) * 4, r.standard_cauchy(size=vocab)]
+    tied = np.full(vocab, -5.0)  # ties at the candidates' edge: the partial sort must fall back, not guess
+    tied[: NUCLEUS_CANDIDATES // 2] = 1.0
+    rows += [tied, np.zeros(vocab)]
+    for logits in rows:
+        x = logits / temperature
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        assert nucleus(probs, top_p).tolist() == _full_sort_nucleus(probs, top_p).tolist()
 
 
 def test_low_temperature_concentrates_high_temperature_spreads():

@@ -177,6 +177,8 @@ class Decoder:
         self.dtype = np.float16 if "float16" in past_type else np.float32
         self.pad = model.config["special_tokens"].get("pad") or 0
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # as the server does: the last position's logits only, where the graph takes `logits_positions`
+        self.last_only = any(i.name == "logits_positions" for i in self.session.get_inputs())
 
     def fitting(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """The prompts that leave room for `max_new_tokens` in the context (the server refuses the others), each
@@ -208,9 +210,10 @@ class Decoder:
         past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
         first = 0.0
         for step in range(max_new_tokens):
-            out = dict(zip(self.outputs, self.session.run(None, {
-                "input_ids": ids, "attention_mask": mask, "position_ids": positions, **past,
-            })))
+            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
+            if self.last_only:
+                feed["logits_positions"] = np.array([ids.shape[1] - 1], dtype=np.int64)
+            out = dict(zip(self.outputs, self.session.run(None, feed)))
             next_ids = out["logits"][:, -1, :].argmax(axis=-1)
             if step == 0:
                 first = clock() - t0

@@ -215,13 +215,13 @@ def _onnx_val_loss_delta(
     length = min(config.n_positions, len(stream) - 1)
     count = min(64, max(1, 16384 // length), max(1, (len(stream) - 1) // length))  # the windows of evaluate()
     sess = session(path, providers)
-    dtype = np.float16 if "float16" in sess.get_inputs()[3].type else np.float32
+    dtype = np.float16 if "float16" in next(i.type for i in sess.get_inputs() if i.name.startswith("past")) else np.float32
     head_size = config.n_embd // config.n_head
     losses = []
     for i in range(count):
         window = stream[i * length:i * length + length + 1]
         feed = {"input_ids": window[None, :-1], "attention_mask": np.ones((1, length), np.int64),
-                "position_ids": np.arange(length, dtype=np.int64)[None]}
+                "position_ids": np.arange(length, dtype=np.int64)[None], "logits_positions": np.arange(length, dtype=np.int64)}
         for layer in range(config.n_layer):
             for kind in ("key", "value"):
                 feed[f"past_key_values.{layer}.{kind}"] = np.zeros((1, config.n_head, 0, head_size), dtype)

@@ -129,9 +129,14 @@ def export_classifier_for_fusion(
 
 
 class DecoderGraph(nn.Module):
-    """GPT-2 with its KV cache as flat tensors: (input_ids, attention_mask, position_ids, past...) ->
-    (logits, present...). transformers 5 accepts only Cache objects, so the flat past is wrapped into a
-    DynamicCache here, inside the traced function."""
+    """GPT-2 with its KV cache as flat tensors: (input_ids, attention_mask, position_ids, logits_positions,
+    past...) -> (logits, present...). transformers 5 accepts only Cache objects, so the flat past is wrapped into
+    a DynamicCache here, inside the traced function.
+
+    `logits_positions` (int64, 1-D) names the sequence positions whose logits the graph computes: a server
+    feeds the last one only, and the language-model head (a 768 x 50,257 matrix on GPT-2) then runs on one
+    position per row instead of the whole prompt (a quarter of a GPT-2-small prefill on the CPU, and a logits
+    array of batch x prompt x vocabulary floats that is never made); verification feeds every position."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -139,7 +144,8 @@ class DecoderGraph(nn.Module):
         self.num_layers = model.config.n_layer
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        logits_positions: torch.Tensor, *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
@@ -148,7 +154,7 @@ class DecoderGraph(nn.Module):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True,
+            past_key_values=cache, use_cache=True, logits_to_keep=logits_positions,
         )
         present: list[torch.Tensor] = []
         for layer in out.past_key_values.layers:
@@ -157,7 +163,7 @@ class DecoderGraph(nn.Module):
 
 
 def generator_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
+    inputs = ["input_ids", "attention_mask", "position_ids", "logits_positions"]
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
@@ -175,17 +181,18 @@ def export_generator(model: nn.Module, path: Path) -> None:
     ids = torch.randint(0, config.vocab_size, (b, s))
     mask = torch.ones(b, p + s, dtype=torch.long)
     positions = torch.arange(p, p + s).expand(b, s)
+    keep = torch.arange(s - 2, s)  # two positions: a size of 1 would be specialised too
     past = tuple(torch.randn(b, heads, p, head_size) for _ in range(2 * layers))
     batch, sequence, past_sequence, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
     shapes = (
-        {0: batch, 1: sequence}, {0: batch, 1: total}, {0: batch, 1: sequence},
+        {0: batch, 1: sequence}, {0: batch, 1: total}, {0: batch, 1: sequence}, {0: Dim("kept_positions")},
         tuple({0: batch, 2: past_sequence} for _ in past),
     )
     input_names, output_names = generator_names(layers)
     try:
         with _quiet():
             program = torch.onnx.export(
-                DecoderGraph(model).eval(), (ids, mask, positions, *past), input_names=input_names,
+                DecoderGraph(model).eval(), (ids, mask, positions, keep, *past), input_names=input_names,
                 dynamic_shapes=shapes, dynamo=True, opset_version=OPSET, verbose=False,
             )
             _name_outputs(program, output_names)

@@ -133,7 +133,8 @@ def encode_right_padded(
 
 def left_padded(sequences: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
     """The generator's prefill inputs: input_ids, attention_mask and position_ids, padded on the left, with
-    positions counting real tokens only (the repository format's convention)."""
+    positions counting real tokens only (the repository format's convention), and logits_positions asking
+    for the logits of every position."""
     width = max(len(s) for s in sequences)
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), width), dtype=np.int64)
@@ -141,4 +142,5 @@ def left_padded(sequences: list[list[int]], pad_id: int) -> dict[str, np.ndarray
         ids[row, width - len(seq):] = seq
         mask[row, width - len(seq):] = 1
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            "logits_positions": np.arange(width, dtype=np.int64)}

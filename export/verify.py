@@ -104,9 +104,10 @@ def generator_parity(
     head_size = model.config.n_embd // heads
     dtype = _float_type(sess, "past_key_values.0.key")
     batch = left_padded(prompts, pad_id)
-    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     n = len(prompts)
-    feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    # The prefill asks for the logits of every position (all are compared), a step for its one new position.
+    feed: dict[str, np.ndarray] = dict(batch)
     for i in range(layers):
         for kind in ("key", "value"):
             feed[f"past_key_values.{i}.{kind}"] = np.zeros((n, heads, 0, head_size), dtype=dtype)
@@ -144,6 +145,7 @@ def generator_parity(
             "input_ids": token,
             "attention_mask": full_mask,
             "position_ids": full_positions[:, -1:] + 1,
+            "logits_positions": np.zeros(1, dtype=np.int64),
         }
         for i in range(layers):
             for kind in ("key", "value"):

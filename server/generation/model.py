@@ -60,6 +60,9 @@ class GeneratorModel:
         eos = config.special_tokens.get("eos")
         self.eos_id: int | None = int(eos) if eos is not None else None
         self.cache_dtype = session.input_types.get("past_key_values.0.key", np.float32)
+        # Graphs that take `logits_positions` (docs/model-repository.md) compute logits for the last position
+        # only; older exports return them for every position, and the last is picked here.
+        self.last_logits_only = "logits_positions" in session.input_names
         self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self.output_names = ["logits", *self.present_names]
 
@@ -111,6 +114,8 @@ class GeneratorModel:
     ) -> tuple[np.ndarray, KVCache]:
         mask = np.concatenate([past.mask, new_mask], axis=1) if past.length else new_mask
         feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+        if self.last_logits_only:
+            feeds["logits_positions"] = np.array([input_ids.shape[1] - 1], dtype=np.int64)
         for i in range(self.num_layers):
             feeds[f"past_key_values.{i}.key"] = past.keys[i]
             feeds[f"past_key_values.{i}.value"] = past.values[i]

@@ -74,22 +74,27 @@ class SequenceHandle:
         self._scheduler._cancel(self._seq)
 
 
-# The decoder returns logits for every prompt position, (B, T, vocab) float32: a batch of long prompts on a
-# 50k vocabulary would take gigabytes, so a prefill is split to keep that array under this size.
+# A decoder exported without `logits_positions` returns logits for every prompt position, (B, T, vocab) float32:
+# a batch of long prompts on a 50k vocabulary would take gigabytes, so its prefill is split to keep that array
+# under this size.
 PREFILL_LOGITS_BYTES = 256 * 1024 * 1024
 # Prompts longer than this (in characters) are tokenized in a worker thread rather than on the event loop.
 LONG_PROMPT_CHARS = 16 * 1024
 
 
-def prefill_chunks(group: list[_Sequence], vocab_size: int) -> list[list[_Sequence]]:
-    """Splits the sequences to prefill into batches whose logits fit PREFILL_LOGITS_BYTES; similar prompt
-    lengths go together (less padding)."""
+def prefill_chunks(
+    group: list[_Sequence], vocab_size: int, all_positions: bool = True
+) -> list[list[_Sequence]]:
+    """Splits the sequences to prefill into batches whose logits fit PREFILL_LOGITS_BYTES (`all_positions`:
+    the graph returns logits for every prompt position, not the last only); similar prompt lengths go
+    together (less padding)."""
     chunks: list[list[_Sequence]] = []
     current: list[_Sequence] = []
     longest = 0
     for seq in sorted(group, key=lambda s: len(s.prepared.prompt_ids)):
         length = len(seq.prepared.prompt_ids)
-        if current and (len(current) + 1) * max(longest, length) * vocab_size * 4 > PREFILL_LOGITS_BYTES:
+        positions = max(longest, length) if all_positions else 1
+        if current and (len(current) + 1) * positions * vocab_size * 4 > PREFILL_LOGITS_BYTES:
             chunks.append(current)
             current, longest = [], 0
         current.append(seq)
@@ -323,7 +328,7 @@ class GenerationScheduler:
             for seq in group:
                 self._m_queue_time.observe(now - seq.arrival)
             self._m_prompt.inc(sum(len(s.prepared.prompt_ids) for s in group))
-        for chunk in prefill_chunks(group, self.model.vocab_size):
+        for chunk in prefill_chunks(group, self.model.vocab_size, not self.model.last_logits_only):
             try:
                 logits, cache = self.model.prefill([s.prepared.prompt_ids for s in chunk])
             except Exception as exc:  # fails the sequences of this prefill only

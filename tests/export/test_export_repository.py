@@ -101,7 +101,7 @@ def test_generator_graph_names_and_axes(quick_repo: Path) -> None:
     c = config(quick_repo, "docgpt")
     arch = c["architecture"]
     layers = arch["num_layers"]
-    inputs = ["input_ids", "attention_mask", "position_ids"] + [
+    inputs = ["input_ids", "attention_mask", "position_ids", "logits_positions"] + [
         f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     outputs = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     assert c["onnx"]["inputs"] == inputs and c["onnx"]["outputs"] == outputs
@@ -113,11 +113,17 @@ def test_generator_graph_names_and_axes(quick_repo: Path) -> None:
     # Prefill with an empty past, then one decode step with the present as past.
     heads, size = arch["num_heads"], arch["head_size"]
     feed = {"input_ids": np.array([[1, 2, 3], [4, 5, 6]], np.int64), "attention_mask": np.ones((2, 3), np.int64),
-            "position_ids": np.array([[0, 1, 2]] * 2, np.int64)}
-    feed |= {name: np.zeros((2, heads, 0, size), np.float32) for name in inputs[3:]}
+            "position_ids": np.array([[0, 1, 2]] * 2, np.int64), "logits_positions": np.arange(3, dtype=np.int64)}
+    feed |= {name: np.zeros((2, heads, 0, size), np.float32) for name in inputs[4:]}
     out = sess.run(None, feed)
     assert out[0].shape == (2, 3, arch["vocab_size"]) and out[1].shape == (2, heads, 3, size)
+    # The last position alone: the same logits and the same cache, the head run on one position.
+    last = sess.run(None, feed | {"logits_positions": np.array([2], np.int64)})
+    assert last[0].shape == (2, 1, arch["vocab_size"])
+    np.testing.assert_allclose(last[0][:, 0], out[0][:, -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(last[1], out[1])
     step = {"input_ids": np.array([[7], [8]], np.int64), "attention_mask": np.ones((2, 4), np.int64),
-            "position_ids": np.array([[3], [3]], np.int64)}
-    step |= {name: value for name, value in zip(inputs[3:], out[1:])}
-    assert sess.run(None, step)[1].shape == (2, heads, 4, size)
+            "position_ids": np.array([[3], [3]], np.int64), "logits_positions": np.zeros(1, np.int64)}
+    step |= {name: value for name, value in zip(inputs[4:], out[1:])}
+    result = sess.run(None, step)
+    assert result[0].shape == (2, 1, arch["vocab_size"]) and result[1].shape == (2, heads, 4, size)

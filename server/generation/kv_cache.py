@@ -13,6 +13,11 @@ of the whole running batch as they come out of ONNX Runtime and feed them back a
 With IO binding (CUDA), the arrays stay on the device as ONNX Runtime ``OrtValue``s from step to step; they
 come back to the host only when the batch changes (select, join), the one time they must be rearranged.
 
+A selection is recorded, not copied at once: the rows are gathered when the arrays are next read (the next
+decode step) or, when sequences join first, in the same pass as the join, so a batch that loses rows at the
+end of one step and gains rows at the next boundary is copied once, not twice. Rows are copied one by one
+into their place (no temporary array of the selected rows).
+
 Why not a preallocated cache: with this graph, ONNX Runtime allocates ``present`` anew each step anyway
 (the concatenation is inside the graph), so a preallocated buffer would add a copy rather than save one.
 Sharing one buffer between past and present needs a different graph (onnxruntime-genai's
@@ -29,14 +34,26 @@ import numpy as np
 
 
 class KVCache:
-    """Keys and values per layer, (B, H, P, D) each, and the attention mask (B, P) of the past."""
+    """Keys and values per layer, (B, H, P, D) each, and the attention mask (B, P) of the past.
 
-    __slots__ = ("keys", "mask", "values")
+    `rows` and `start` describe a selection not applied yet: row r of this cache is row rows[r] of the arrays
+    given, from column `start` on (None: the arrays as they are)."""
 
-    def __init__(self, keys: list[np.ndarray], values: list[np.ndarray], mask: np.ndarray) -> None:
-        self.keys = keys
-        self.values = values
+    __slots__ = ("_keys", "_rows", "_start", "_values", "mask")
+
+    def __init__(
+        self,
+        keys: list[Any],
+        values: list[Any],
+        mask: np.ndarray,
+        rows: np.ndarray | None = None,
+        start: int = 0,
+    ) -> None:
+        self._keys = keys
+        self._values = values
         self.mask = mask
+        self._rows = rows
+        self._start = start
 
     @classmethod
     def empty(cls, num_layers: int, batch: int, num_heads: int, head_size: int, dtype: type) -> KVCache:
@@ -51,36 +68,57 @@ class KVCache:
     def length(self) -> int:
         return self.mask.shape[1]
 
-    def on_host(self) -> KVCache:
-        """The same cache with every array in host memory (a device ``OrtValue`` is copied back)."""
-        return KVCache([_host(k) for k in self.keys], [_host(v) for v in self.values], self.mask)
+    @property
+    def keys(self) -> list[Any]:
+        """Per layer, (B, H, P, D): a host array, or a device ``OrtValue`` while no selection changed it."""
+        self._apply_selection()
+        return self._keys
+
+    @property
+    def values(self) -> list[Any]:
+        self._apply_selection()
+        return self._values
+
+    def _apply_selection(self) -> None:
+        if self._rows is None:
+            return
+        rows, start, length = self._rows, self._start, self.length
+        self._keys = [_place([(_host(x), rows, start)], length) for x in self._keys]
+        self._values = [_place([(_host(x), rows, start)], length) for x in self._values]
+        self._rows, self._start = None, 0
 
     def select(self, rows: Sequence[int]) -> KVCache:
-        """Keeps only `rows` (in that order), then trims the columns no kept row attends to."""
+        """Keeps only `rows` (in that order), then trims the columns no kept row attends to. Records the
+        selection; the arrays are gathered when next read, or by `join`."""
         if len(rows) == self.batch and list(rows) == list(range(self.batch)):
             return self  # nothing leaves: keep the arrays where they are (on the device with IO binding)
-        host = self.on_host()
         idx = np.asarray(rows, dtype=np.int64)
-        mask = host.mask[idx]
+        mask = self.mask[idx]
         attended = mask.any(axis=0)
-        start = int(attended.argmax()) if attended.any() else mask.shape[1]
-        return KVCache(
-            [k[idx, :, start:] for k in host.keys], [v[idx, :, start:] for v in host.values], mask[:, start:]
-        )
+        trim = int(attended.argmax()) if attended.any() else mask.shape[1]
+        base = idx if self._rows is None else self._rows[idx]
+        return KVCache(self._keys, self._values, mask[:, trim:], base, self._start + trim)
 
     @staticmethod
     def join(a: KVCache, b: KVCache) -> KVCache:
-        """`a`'s rows then `b`'s, left-padding the shorter past."""
+        """`a`'s rows then `b`'s, left-padding the shorter past; pending selections are applied in the same
+        pass."""
         if a.batch == 0:
             return b
         if b.batch == 0:
             return a
-        a, b = a.on_host(), b.on_host()
         length = max(a.length, b.length)
+        mask = np.zeros((a.batch + b.batch, length), dtype=a.mask.dtype)
+        mask[: a.batch, length - a.length :] = a.mask
+        mask[a.batch :, length - b.length :] = b.mask
+
+        def joined(xa: Any, xb: Any) -> np.ndarray:
+            return _place([(_host(xa), a._rows, a._start), (_host(xb), b._rows, b._start)], length)
+
         return KVCache(
-            [_stack_left_padded(x, y, length) for x, y in zip(a.keys, b.keys)],
-            [_stack_left_padded(x, y, length) for x, y in zip(a.values, b.values)],
-            _stack_left_padded(a.mask, b.mask, length),
+            [joined(x, y) for x, y in zip(a._keys, b._keys)],
+            [joined(x, y) for x, y in zip(a._values, b._values)],
+            mask,
         )
 
 
@@ -88,17 +126,21 @@ def _host(x: Any) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else x.numpy()  # an onnxruntime.OrtValue
 
 
-def _stack_left_padded(x: np.ndarray, y: np.ndarray, length: int) -> np.ndarray:
-    """`x`'s rows then `y`'s along axis 0, each right-aligned in `length` along axis 2 (a cache) or 1 (a mask).
-
-    One allocation and one copy of each side: padding first and concatenating after would copy twice.
-    """
-    axis = 2 if x.ndim == 4 else 1
-    shape = list(x.shape)
-    shape[0], shape[axis] = x.shape[0] + y.shape[0], length
-    out = np.zeros(shape, dtype=x.dtype)
-    index: list[slice] = [slice(None)] * x.ndim
-    for rows, part in ((slice(0, x.shape[0]), x), (slice(x.shape[0], None), y)):
-        index[0], index[axis] = rows, slice(length - part.shape[axis], None)
-        out[tuple(index)] = part
+def _place(parts: list[tuple[np.ndarray, np.ndarray | None, int]], length: int) -> np.ndarray:
+    """One (B, H, length, D) array of the parts' rows, one part after the other, each right-aligned (left
+    padding of zeros). A part is (array, rows or None for all, first column): its rows are copied straight
+    into place, one copy each."""
+    first = parts[0][0]
+    count = sum(x.shape[0] if rows is None else len(rows) for x, rows, _ in parts)
+    out = np.zeros((count, first.shape[1], length, first.shape[3]), dtype=first.dtype)
+    row = 0
+    for x, rows, start in parts:
+        columns = slice(length - (x.shape[2] - start), length)
+        if rows is None:
+            out[row : row + x.shape[0], :, columns] = x[:, :, start:]
+            row += x.shape[0]
+        else:
+            for r in rows:
+                out[row, :, columns] = x[r, :, start:]
+                row += 1
     return out

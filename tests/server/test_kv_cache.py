@@ -58,3 +58,28 @@ def test_device_values_come_back_to_the_host_when_the_batch_changes():
     np.testing.assert_array_equal(s.keys[0], c.select([1]).keys[0])
     j = KVCache.join(on_device, cache([[1]]))
     np.testing.assert_array_equal(j.values[1], KVCache.join(c, cache([[1]])).values[1])
+
+
+def test_a_selection_applied_by_a_join_equals_one_applied_before_it():
+    c = cache([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]])
+    newcomers = cache([[0, 1, 1], [1, 1, 1]]).select([1])
+    lazy = KVCache.join(c.select([3, 2]).select([1, 0]), newcomers)  # two selections, applied by the join
+    eager = c.select([2, 3])
+    eager_keys, eager_values = [k.copy() for k in eager.keys], [v.copy() for v in eager.values]  # applied now
+    want_mask = [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
+    assert lazy.mask.tolist() == want_mask and lazy.batch == 3
+    for layer in range(2):
+        np.testing.assert_array_equal(lazy.keys[layer][:, 0, :, 0], lazy.mask)
+        np.testing.assert_array_equal(lazy.values[layer][:, 0, :, 1], lazy.mask * 20)
+        np.testing.assert_array_equal(lazy.keys[layer][:2, :, -2:], eager_keys[layer])
+        np.testing.assert_array_equal(lazy.values[layer][:2, :, -2:], eager_values[layer])
+
+
+def test_a_selection_copies_nothing_until_read():
+    c = cache([[1, 1, 1], [0, 1, 1], [0, 0, 1]])
+    s = c.select([2, 0])
+    assert s._rows is not None  # recorded only
+    assert np.shares_memory(s._keys[0], c.keys[0])
+    assert s.keys[0].shape == (2, 1, 3, 2) and s._rows is None  # read: gathered, once
+    assert not np.shares_memory(s.keys[0], c.keys[0])
+    np.testing.assert_array_equal(s.keys[0][:, 0, :, 0], [[0, 0, 1], [1, 1, 1]])

@@ -145,22 +145,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["baselines"] = {}
             for repo, clf, gen in sets:
                 results["baselines"] |= suite.bench_baselines(ctx, repo, clf, None if args.no_torch else gen)
-        # The profiles (command `all`) are taken on the first model set's servers, after their measurements.
+        # The profiles (command `all`) are taken on every model's servers, after their measurements.
         profile = args.command == "all" and not args.no_profile
         profiles = {}
         if args.command in ("classify", "all"):
             results["classification"] = {}
-            for i, (repo, clf, _) in enumerate(sets):
-                results["classification"][clf] = suite.bench_classifier(ctx, repo, clf, profile=profile and i == 0)
+            for repo, clf, _ in sets:
+                results["classification"][clf] = suite.bench_classifier(ctx, repo, clf, profile=profile)
                 if "profile" in results["classification"][clf]:
-                    profiles["classify"] = results["classification"][clf].pop("profile")
+                    profiles[f"classify, {clf}"] = results["classification"][clf].pop("profile")
         if args.command in ("generate", "all"):
             results["generation"] = {}
-            for i, (repo, _, gen) in enumerate(sets):
+            for repo, _, gen in sets:
                 results["generation"][gen] = suite.bench_generator(
-                    ctx, repo, gen, with_torch=not args.no_torch, profile=profile and i == 0)
+                    ctx, repo, gen, with_torch=not args.no_torch, profile=profile)
                 if "profile" in results["generation"][gen]:
-                    profiles["generate"] = results["generation"][gen].pop("profile")
+                    profiles[f"generate, {gen}"] = results["generation"][gen].pop("profile")
         if profiles:
             results["profiles"] = profiles
     finally:

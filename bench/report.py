@@ -215,7 +215,8 @@ def _profiles_md(profiles: dict[str, Any]) -> list[str]:
         if "error" in p:
             lines += [f"{kind}: not profiled ({p['error']}).", ""]
             continue
-        lines += [(f"**{kind}** on {p['model']}: {p['samples']} samples, {_f(p['onnxruntime_percent'])}% inside "
+        label = kind if p["model"] in kind else f"{kind} on {p['model']}"  # older results: keyed by kind alone
+        lines += [(f"**{label}**: {p['samples']} samples, {_f(p['onnxruntime_percent'])}% inside "
                   f"ONNX Runtime, {_f(p.get('waiting_percent'))}% waiting (select, idle workers), "
                   f"{_f(p['outside_onnxruntime_percent'])}% working outside ONNX Runtime. Top costs outside ONNX "
                   "Runtime (self time: C code counts to the Python function that called it; % of all samples):"), ""]

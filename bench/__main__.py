@@ -19,7 +19,7 @@ logger = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 NOISE_NOTE = (
-    "The machine is shared (other jobs ran test suites during this run), so absolute figures are noisy; every "
+    "The machine may be shared with other jobs (see the load averages), so absolute figures are noisy; every "
     "comparison therefore runs both sides in the same run, in alternating rounds, and reports the median "
     "per-round ratio. The 1-minute load average is recorded with every point."
 )

@@ -288,6 +288,9 @@ class TorchNoCache:
             n_embd=int(arch["hidden_size"]),
             n_layer=int(arch["num_layers"]),
             n_head=int(arch["num_heads"]),
+            # the repository's own special ids: GPT2Config's defaults (50256) lie outside small vocabularies
+            bos_token_id=model.config["special_tokens"].get("bos"),
+            eos_token_id=model.config["special_tokens"].get("eos"),
         )
         self.torch = torch
         self.net = GPT2LMHeadModel(config).eval()

@@ -106,17 +106,20 @@ def test_calls_spread_over_both_replicas_and_a_stream_passes_intact(balanced):
     assert sum(counts) == calls and all(c > 0 for c in counts), counts
 
     # Greedy decoding is deterministic, and both replicas serve the same model: the stream through nginx
-    # must carry exactly the chunks a replica sends directly.
-    request = {"model": "docgpt", "max_new_tokens": 12, "temperature": 0.0}
+    # must carry exactly what a replica sends directly (how it is cut into messages may differ: a server
+    # whose event loop falls behind joins the pieces that piled up).
+    request = {"model": "docgpt", "max_new_tokens": 24, "temperature": 0.0}
     with Client(target=replicas[0].target, timeout=60) as direct:
         expected = list(direct.generate_stream("def main(", **request))
     with Client(target=target, timeout=60) as client:
         proxied = list(client.generate_stream("def main(", **request))
-    assert len(proxied) == len(expected) > 1
+    assert len(proxied) > 1 and len(expected) > 1  # streamed, not one message at the end
 
     def content(chunks):  # timings differ from call to call
-        return [(c.text, c.token_ids, c.finish_reason, c.usage) for c in chunks]
+        last = chunks[-1]
+        return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], last.finish_reason, last.usage
 
+    assert all(c.finish_reason is None for c in proxied[:-1])
     assert content(proxied) == content(expected)
     assert proxied[-1].finish_reason is not None
 

@@ -38,7 +38,7 @@ GENERATOR_AGREEMENT = {"opt": 0.95, "fp16": 0.0, "int8": 0.0}
 def check_accuracy_delta(variant: str, delta: float, examples: int) -> None:
     """A variant may cost at most 3 points of held-out accuracy (or 3 examples, on small held-out sets)."""
     allowed = max(0.03, 3 / max(1, examples))
-    if delta < -allowed:
+    if delta < -allowed - 1e-9:  # k/n - m/n is not exact in binary: exactly 3 examples must pass
         raise VerificationError(
             f"classifier {variant}: held-out accuracy falls by {-delta:.3f} (at most {allowed:.3f} allowed)"
         )

@@ -102,3 +102,14 @@ def test_sentence_classifier_pools_over_real_tokens_only() -> None:
     assert pool(hidden, mask, Pooling.CLS).tolist() == [[1.0, 1.0]]
     assert pool(hidden, mask, Pooling.MEAN).tolist() == [[2.0, 0.0]]
     assert pool(hidden, mask, Pooling.MAX).tolist() == [[3.0, 1.0]]
+
+
+@pytest.mark.parametrize("examples", [30, 32, 100, 1000])
+def test_a_variant_may_lose_three_examples_or_three_points_and_no_more(examples: int) -> None:
+    from export.variants import check_accuracy_delta
+
+    allowed = max(3, round(0.03 * examples))
+    base = examples // 2
+    check_accuracy_delta("int8", (base - allowed) / examples - base / examples, examples)  # exactly the limit
+    with pytest.raises(VerificationError):
+        check_accuracy_delta("int8", (base - allowed - 1) / examples - base / examples, examples)

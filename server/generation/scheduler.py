@@ -74,9 +74,13 @@ class SequenceHandle:
         self._scheduler._cancel(self._seq)
 
 
+# A prefill batch is padded to its longest prompt. It is split where padding would more than double the work
+# (prompts are taken shortest first, so a long one does not drag short ones to its length) and where it would
+# pass PREFILL_TOKENS padded tokens (activations and attention grow with it; a longer prompt goes alone).
+PREFILL_TOKENS = 8192
 # A decoder exported without `logits_positions` returns logits for every prompt position, (B, T, vocab) float32:
-# a batch of long prompts on a 50k vocabulary would take gigabytes, so its prefill is split to keep that array
-# under this size.
+# a batch of long prompts on a 50k vocabulary would take gigabytes, so its prefill is also split to keep that
+# array under this size.
 PREFILL_LOGITS_BYTES = 256 * 1024 * 1024
 # Prompts longer than this (in characters) are tokenized in a worker thread rather than on the event loop.
 LONG_PROMPT_CHARS = 16 * 1024
@@ -85,20 +89,23 @@ LONG_PROMPT_CHARS = 16 * 1024
 def prefill_chunks(
     group: list[_Sequence], vocab_size: int, all_positions: bool = True
 ) -> list[list[_Sequence]]:
-    """Splits the sequences to prefill into batches whose logits fit PREFILL_LOGITS_BYTES (`all_positions`:
-    the graph returns logits for every prompt position, not the last only); similar prompt lengths go
-    together (less padding)."""
+    """Splits the sequences to prefill into batches of similar prompt lengths: at most twice the real tokens
+    and PREFILL_TOKENS once padded, and (`all_positions`: the graph returns logits for every prompt position,
+    not the last only) logits within PREFILL_LOGITS_BYTES."""
     chunks: list[list[_Sequence]] = []
     current: list[_Sequence] = []
-    longest = 0
+    real = 0
     for seq in sorted(group, key=lambda s: len(s.prepared.prompt_ids)):
-        length = len(seq.prepared.prompt_ids)
-        positions = max(longest, length) if all_positions else 1
-        if current and (len(current) + 1) * positions * vocab_size * 4 > PREFILL_LOGITS_BYTES:
+        length = len(seq.prepared.prompt_ids)  # the longest so far: the batch's padded width
+        padded = (len(current) + 1) * length
+        logits = (padded if all_positions else len(current) + 1) * vocab_size * 4
+        if current and (
+            padded > 2 * (real + length) or padded > PREFILL_TOKENS or logits > PREFILL_LOGITS_BYTES
+        ):
             chunks.append(current)
-            current, longest = [], 0
+            current, real = [], 0
         current.append(seq)
-        longest = max(longest, length)
+        real += length
     if current:
         chunks.append(current)
     return chunks

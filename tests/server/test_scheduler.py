@@ -365,3 +365,26 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(generator, registry
     finally:
         s.close(10)
     assert ids and max(ids) < small, ids
+
+
+def _lengths(chunks) -> list[list[int]]:
+    return [[len(s.prepared.prompt_ids) for s in chunk] for chunk in chunks]
+
+
+@pytest.mark.parametrize(
+    "lengths, all_positions, expected",
+    [
+        ([12] * 15 + [126], False, [[12] * 15, [126]]),  # a long prompt does not pad the short ones to its length
+        ([40, 31, 35, 30] * 4, False, [sorted([40, 31, 35, 30] * 4)]),  # similar lengths: one batch
+        ([1000] * 10, False, [[1000] * 8, [1000] * 2]),  # at most PREFILL_TOKENS padded tokens
+        ([9000, 3], False, [[3], [9000]]),  # a prompt longer than that goes alone
+        ([100] * 30, True, [[100] * 13, [100] * 13, [100] * 4]),  # all-position logits within 256 MiB
+    ],
+)
+def test_prefill_batches_group_similar_lengths_within_bounds(lengths, all_positions, expected):
+    from types import SimpleNamespace
+
+    from server.generation.scheduler import prefill_chunks
+
+    group = [SimpleNamespace(prepared=SimpleNamespace(prompt_ids=[0] * n)) for n in lengths]
+    assert _lengths(prefill_chunks(group, 50_257, all_positions)) == expected

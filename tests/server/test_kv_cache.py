@@ -83,3 +83,54 @@ def test_a_selection_copies_nothing_until_read():
     assert s.keys[0].shape == (2, 1, 3, 2) and s._rows is None  # read: gathered, once
     assert not np.shares_memory(s.keys[0], c.keys[0])
     np.testing.assert_array_equal(s.keys[0][:, 0, :, 0], [[0, 0, 1], [1, 1, 1]])
+
+
+def test_random_chains_of_selections_and_joins_match_plain_numpy():
+    """Distinct data per layer, head, row and column: a row, layer or column mix-up shows."""
+    rng = np.random.default_rng(0)
+
+    def random_cache(batch: int, length: int) -> tuple[KVCache, list[np.ndarray], list[np.ndarray], np.ndarray]:
+        mask = np.ones((batch, length), dtype=np.int64)
+        for row in range(batch):
+            mask[row, : rng.integers(0, length)] = 0  # left padding of random width
+        keys = [rng.normal(size=(batch, 3, length, 4)).astype(np.float32) for _ in range(2)]
+        values = [rng.normal(size=(batch, 3, length, 4)).astype(np.float32) for _ in range(2)]
+        return KVCache([k.copy() for k in keys], [v.copy() for v in values], mask.copy()), keys, values, mask
+
+    def ref_select(keys, values, mask, rows):
+        if rows == list(range(mask.shape[0])):
+            return keys, values, mask  # nobody leaves: nothing is copied, nothing trimmed
+        mask = mask[rows]
+        attended = mask.any(axis=0)
+        start = int(attended.argmax()) if attended.any() else mask.shape[1]
+        return [k[rows][:, :, start:] for k in keys], [v[rows][:, :, start:] for v in values], mask[:, start:]
+
+    def ref_join(a, b):
+        length = max(a[2].shape[1], b[2].shape[1])
+
+        def pad(x, axis):
+            width = [(0, 0)] * x.ndim
+            width[axis] = (length - x.shape[axis], 0)
+            return np.pad(x, width)
+
+        return (
+            [np.concatenate([pad(x, 2), pad(y, 2)]) for x, y in zip(a[0], b[0])],
+            [np.concatenate([pad(x, 2), pad(y, 2)]) for x, y in zip(a[1], b[1])],
+            np.concatenate([pad(a[2], 1), pad(b[2], 1)]),
+        )
+
+    for _ in range(200):
+        cache, *ref = random_cache(int(rng.integers(1, 6)), int(rng.integers(1, 8)))
+        for _ in range(int(rng.integers(1, 5))):
+            if rng.random() < 0.5 and cache.batch > 0:
+                rows = rng.choice(cache.batch, size=int(rng.integers(1, cache.batch + 1)), replace=False).tolist()
+                cache, ref = cache.select(rows), ref_select(*ref, rows)
+            else:
+                other, *other_ref = random_cache(int(rng.integers(1, 4)), int(rng.integers(1, 8)))
+                if rng.random() < 0.5:
+                    keep = list(range(other.batch))[::-1]
+                    other, other_ref = other.select(keep), ref_select(*other_ref, keep)
+                cache, ref = KVCache.join(cache, other), ref_join(ref, other_ref)
+        np.testing.assert_array_equal(cache.mask, ref[2])
+        for got, want in zip(cache.keys + cache.values, ref[0] + ref[1]):
+            np.testing.assert_array_equal(got, want)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,3 +22,20 @@ def client_server(quick_repo: Path) -> Iterator[object]:
 def target(client_server) -> str:
     """The running server's "127.0.0.1:PORT"."""
     return client_server.target
+
+
+class RecordingStream(io.StringIO):
+    """Remembers what had been written at every flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+@pytest.fixture
+def recording() -> RecordingStream:
+    """A text stream for the CLI's output that remembers what had been written at every flush."""
+    return RecordingStream()

@@ -250,17 +250,6 @@ def test_classifications_one_line_per_text():
     assert json.loads(cli.to_json(data)) == data and "\n" not in cli.to_json(data)
 
 
-class RecordingStream(io.StringIO):
-    """Remembers what had been written at every flush."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flushed: list[str] = []
-
-    def flush(self) -> None:
-        self.flushed.append(self.getvalue())
-
-
 def _chunks() -> list[GenerationChunk]:
     last = pb.GenerateResponse(
         text=" world", token_ids=[3], finish_reason=pb.FINISH_REASON_LENGTH,
@@ -274,8 +263,8 @@ def _chunks() -> list[GenerationChunk]:
     return [GenerationChunk.from_pb(m) for m in messages]
 
 
-def test_a_stream_is_printed_and_flushed_piece_by_piece():
-    out = RecordingStream()
+def test_a_stream_is_printed_and_flushed_piece_by_piece(recording):
+    out = recording
     last = cli._print_stream(iter(_chunks()), as_json=False, out=out)
     assert out.flushed[:3] == ["Hel", "Hello", "Hello world"]
     assert out.getvalue() == "Hello world\n" and last.finish_reason == "length"
@@ -285,8 +274,8 @@ def test_a_stream_is_printed_and_flushed_piece_by_piece():
     ]  # fmt: skip
 
 
-def test_a_json_stream_is_one_object_per_line_as_it_arrives():
-    out = RecordingStream()
+def test_a_json_stream_is_one_object_per_line_as_it_arrives(recording):
+    out = recording
     cli._print_stream(iter(_chunks()), as_json=True, out=out)
     lines = out.getvalue().splitlines()
     assert len(out.flushed) == 3 and [len(f.splitlines()) for f in out.flushed] == [1, 2, 3]

@@ -210,17 +210,9 @@ def test_generate_command_streams(client, target):
     assert code == 0 and out == cli._text_line(whole.text)
 
 
-def test_generate_command_prints_each_piece_as_it_arrives(client, target):
-    class Recording(io.StringIO):
-        def __init__(self) -> None:
-            super().__init__()
-            self.flushed: list[str] = []
-
-        def flush(self) -> None:
-            self.flushed.append(self.getvalue())
-
+def test_generate_command_prints_each_piece_as_it_arrives(client, target, recording):
     whole = client.generate(PROMPT, max_new_tokens=32).text
-    out = Recording()
+    out = recording
     code, _, err = run("--target", target, "generate", PROMPT, "--max-new-tokens", "32", out=out)
     assert code == 0, err
     # A flush per piece received, each showing the text so far: growing prefixes of the whole text, several

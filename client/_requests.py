@@ -68,6 +68,31 @@ def generate_request(
     return request
 
 
+def chat_request(messages: Iterable[Any], model: str | None, **params: Any) -> pb.GenerateRequest:
+    """A `GenerateRequest` carrying a conversation: `messages` are (role, content) pairs or mappings with
+    "role" and "content" (as in the OpenAI API); `params` are those of `generate_request` but the prompt."""
+    request = generate_request("", model, **{**GENERATE_DEFAULTS, **params})
+    for i, message in enumerate(messages):
+        role, content = (message["role"], message["content"]) if isinstance(message, dict) else message
+        try:
+            request.messages.add(role=role, content=content)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"messages[{i}]: {e}") from None
+    return request
+
+
+GENERATE_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": None,
+    "temperature": 0.0,
+    "top_k": 0,
+    "top_p": None,
+    "repetition_penalty": None,
+    "seed": None,
+    "stop": (),
+    "logprobs": False,
+}
+
+
 def _set(message: Any, name: str, value: Any) -> None:
     """Sets a field; a value the proto cannot hold (a negative seed, a string for a number) raises an error
     that names the field (protobuf's own message does not)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -173,6 +174,36 @@ class AsyncClient:
         request = req.generate_request(
             prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, logprobs
         )
+        async with contextlib.aclosing(self._stream(request, timeout)) as chunks:  # closing this closes that
+            async for chunk in chunks:
+                yield chunk
+
+    async def chat(
+        self,
+        messages: Sequence[tuple[str, str] | Mapping[str, str]],
+        model: str | None = None,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+        **params: Any,
+    ) -> Generation:
+        """Answers a conversation with the model's chat template. See `Client.chat`."""
+        request = req.chat_request(messages, model, **params)
+        return Generation.from_pb(await self._call(self._stub.Generate, request, timeout))
+
+    async def chat_stream(
+        self,
+        messages: Sequence[tuple[str, str] | Mapping[str, str]],
+        model: str | None = None,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+        **params: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Answers a conversation piece by piece. See `Client.chat_stream`."""
+        async with contextlib.aclosing(self._stream(req.chat_request(messages, model, **params), timeout)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _stream(self, request: Any, timeout: float | None) -> AsyncIterator[GenerationChunk]:
         call = self._stub.GenerateStream(request, timeout=self._timeout(timeout))
         try:
             async for message in call:

@@ -5,6 +5,7 @@
     nlpserve classify [--model NAME] [--embedding] [--no-truncation] TEXT...
     nlpserve generate [--model NAME] PROMPT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                       [--repetition-penalty R] [--seed S] [--stop STR ...] [--logprobs] [--no-stream] [--stats]
+    nlpserve chat [--model NAME] [--system TEXT] (MESSAGE | --interactive) [the options of generate]
 
 Exit codes: 0 success; 1 the call failed (the error's status code and message on one line of stderr) or, for
 `health`, the status is not SERVING; 2 a usage error; 130 interrupted.
@@ -145,53 +146,69 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--no-truncation", action="store_true", help="fail on a text longer than the model's limit"
     )
 
-    generate = commands.add_parser(
-        "generate",
-        parents=[common],
-        help="generate text from a prompt (streamed)",
-        description="Generate a continuation of PROMPT, printed as it is decoded.",
-    )
-    generate.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
-    generate.add_argument(
+    # What generate and chat share: the model, the sampling settings, how to print.
+    sampling = argparse.ArgumentParser(add_help=False, parents=[common])
+    sampling.add_argument(
         "--model", metavar="NAME", help="the generator (default: the server's only generator)"
     )
-    generate.add_argument(
+    sampling.add_argument(
         "--max-new-tokens",
         type=_int_in(-INT32_MAX - 1, INT32_MAX),
         metavar="N",
         help="tokens to generate at most",
     )
-    generate.add_argument(
+    sampling.add_argument(
         "--temperature", type=_float, default=0.0, metavar="T", help="0 (default) decodes greedily"
     )
-    generate.add_argument(
+    sampling.add_argument(
         "--top-k",
         type=_int_in(-INT32_MAX - 1, INT32_MAX),
         default=0,
         metavar="K",
         help="sample among the k best (0: all)",
     )
-    generate.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling, in (0, 1]")
-    generate.add_argument(
+    sampling.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling, in (0, 1]")
+    sampling.add_argument(
         "--repetition-penalty", type=_float, metavar="R", help="above 1 discourages repeats"
     )
-    generate.add_argument(
+    sampling.add_argument(
         "--seed",
         type=_int_in(0, UINT64_MAX, "a non-negative integer"),
         metavar="S",
         help="the sampler's seed: the same seed and parameters give the same text",
     )
-    generate.add_argument(
+    sampling.add_argument(
         "--stop", action="append", default=[], metavar="STR", help="a stop sequence (repeat for several)"
     )
-    generate.add_argument(
+    sampling.add_argument(
         "--logprobs", action="store_true", help="return token log-probabilities (with --json)"
     )
-    generate.add_argument(
+    sampling.add_argument(
         "--no-stream", action="store_true", help="one unary call; print the text at the end"
     )
-    generate.add_argument(
+    sampling.add_argument(
         "--stats", action="store_true", help="print finish reason, token counts and timings to stderr"
+    )
+
+    generate = commands.add_parser(
+        "generate",
+        parents=[sampling],
+        help="generate text from a prompt (streamed)",
+        description="Generate a continuation of PROMPT, printed as it is decoded.",
+    )
+    generate.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
+
+    chat = commands.add_parser(
+        "chat",
+        parents=[sampling],
+        help="ask a chat model (its own chat template; streamed)",
+        description="Answer MESSAGE with the model's chat template, printed as it is decoded. With "
+        "--interactive, each line of stdin is the next user message and the conversation is kept.",
+    )
+    chat.add_argument("message", metavar="MESSAGE", nargs="?", help="the user's message; '-' reads stdin")
+    chat.add_argument("--system", metavar="TEXT", help="a system message before the conversation")
+    chat.add_argument(
+        "-i", "--interactive", action="store_true", help="a conversation: one user message per line of stdin"
     )
     return parser
 
@@ -373,11 +390,9 @@ def run_classify(client: Client, args: argparse.Namespace, out: TextIO, stdin: T
     return EXIT_OK
 
 
-def run_generate(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
-    prompt = stdin.read() if args.prompt == "-" else args.prompt
-    model = args.model or default_model(client, ModelKind.GENERATOR)
-    kwargs: dict[str, Any] = {
-        "model": model,
+def _sampling(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model or default_model(client, ModelKind.GENERATOR),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -387,16 +402,52 @@ def run_generate(client: Client, args: argparse.Namespace, out: TextIO, err: Tex
         "stop": args.stop,
         "logprobs": args.logprobs,
     }
+
+
+def run_generate(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
+    prompt = stdin.read() if args.prompt == "-" else args.prompt
+    kwargs = _sampling(client, args)
     if args.no_stream:
-        generation = client.generate(prompt, **kwargs)
-        out.write(to_json(generation.to_dict()) + "\n" if args.json else _text_line(generation.text))
-        out.flush()
-        last: Generation | GenerationChunk | None = generation
+        _print_whole(client.generate(prompt, **kwargs), args, out, err)
     else:
-        last = _print_stream(client.generate_stream(prompt, **kwargs), args.json, out)
+        _print_stats(_print_stream(client.generate_stream(prompt, **kwargs), args.json, out), args, err)
+    return EXIT_OK
+
+
+def run_chat(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
+    if args.interactive == (args.message is not None):
+        raise UsageError("give a MESSAGE, or --interactive to read the conversation from stdin")
+    kwargs = _sampling(client, args)
+    messages: list[tuple[str, str]] = [("system", args.system)] if args.system else []
+    turns = (line.rstrip("\r\n") for line in stdin) if args.interactive else iter(
+        [stdin.read() if args.message == "-" else args.message]
+    )
+    for turn in turns:
+        if args.interactive and not turn.strip():
+            continue
+        messages.append(("user", turn))
+        if args.no_stream:
+            answer = client.chat(messages, **kwargs)
+            _print_whole(answer, args, out, err)
+            text = answer.text
+        else:
+            chunks: list[GenerationChunk] = []
+            stream = (chunks.append(c) or c for c in client.chat_stream(messages, **kwargs))
+            _print_stats(_print_stream(stream, args.json, out), args, err)
+            text = "".join(c.text for c in chunks)
+        messages.append(("assistant", text))  # the next turn sees the whole conversation
+    return EXIT_OK
+
+
+def _print_whole(generation: Generation, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+    out.write(to_json(generation.to_dict()) + "\n" if args.json else _text_line(generation.text))
+    out.flush()
+    _print_stats(generation, args, err)
+
+
+def _print_stats(last: Generation | GenerationChunk | None, args: argparse.Namespace, err: TextIO) -> None:
     if args.stats and last is not None:
         print(format_stats(last), file=err)
-    return EXIT_OK
 
 
 def _print_stream(chunks: Iterable[GenerationChunk], as_json: bool, out: TextIO) -> GenerationChunk | None:
@@ -458,6 +509,8 @@ def main(
                 return run_health(client, args, out)
             if args.command == "classify":
                 return run_classify(client, args, out, inp)
+            if args.command == "chat":
+                return run_chat(client, args, out, err, inp)
             return run_generate(client, args, out, err, inp)
     except ServerError as e:
         print(format_error(e, target), file=err)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -180,6 +180,47 @@ class Client:
         request = req.generate_request(
             prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, logprobs
         )
+        return self._stream(request, timeout)
+
+    def chat(
+        self,
+        messages: Sequence[tuple[str, str] | Mapping[str, str]],
+        model: str | None = None,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+        **params: Any,
+    ) -> Generation:
+        """Answers a conversation with the model's own chat template, and returns the answer whole.
+
+        Args:
+            messages: (role, content) pairs or {"role": ..., "content": ...} mappings, oldest first; roles as
+                the model's template accepts them ("system", "user", "assistant").
+            model: The generator; None selects the only generator the server hosts.
+            timeout: This call's deadline in seconds; left out, the client's default.
+            **params: The sampling arguments of `generate` (max_new_tokens, temperature, top_k, top_p,
+                repetition_penalty, seed, stop, logprobs).
+
+        Returns:
+            The answer; it ends at any of the model's end-of-sequence tokens (finish reason EOS).
+
+        Raises:
+            ServerError: INVALID_ARGUMENT for a model without a chat template, and as `generate`.
+        """
+        request = req.chat_request(messages, model, **params)
+        return Generation.from_pb(self._call(self._stub.Generate, request, timeout))
+
+    def chat_stream(
+        self,
+        messages: Sequence[tuple[str, str] | Mapping[str, str]],
+        model: str | None = None,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+        **params: Any,
+    ) -> Iterator[GenerationChunk]:
+        """Answers a conversation piece by piece: `chat`'s arguments, `generate_stream`'s chunks."""
+        return self._stream(req.chat_request(messages, model, **params), timeout)
+
+    def _stream(self, request: Any, timeout: float | None) -> Iterator[GenerationChunk]:
         call = self._stub.GenerateStream(request, timeout=self._timeout(timeout))
         try:
             for message in call:

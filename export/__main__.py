@@ -122,16 +122,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     _variant_options(c)
 
-    g = commands.add_parser("generator", help="train (or import) a GPT-2 generator and export it with its KV cache")
+    g = commands.add_parser(
+        "generator",
+        help="train a GPT-2 generator, or import a GPT-2, Llama, Qwen2 or Mistral checkpoint or GGUF file, and export it",
+    )
     g.add_argument("--corpus", help=f"UTF-8 text file (or {' / '.join(BUILTIN_CORPORA)})")
     _output_options(g, "the model's folder in a repository, e.g. models/docgpt (its name is the model's name)")
     g.add_argument("--version", type=_positive, default=1, help="version sub-folder (default 1)")
     g.add_argument("--import", dest="import_dir", type=Path,
-                   help="export a local GPT-2-family checkpoint (with its tokenizer) without training")
+                   help="export without training: a local checkpoint folder (model_type gpt2, llama, qwen2 or "
+                        "mistral, with its tokenizer) or a .gguf file of llama, qwen2 or mistral")
     g.add_argument("--layers", type=_positive, default=4)
     g.add_argument("--heads", type=_positive, default=4)
     g.add_argument("--width", type=_positive, default=256, help="embedding width (n_embd)")
-    g.add_argument("--context", type=_context, default=256, help="context length (n_positions), 16 or more")
+    g.add_argument("--context", type=_context,
+                   help="context length, 16 or more (default: 256 when training; for an imported Llama-family "
+                        "model its own, at most 2048: the served context, which sizes the KV cache)")
     g.add_argument("--vocab-size", type=_positive, default=8192, help="BPE vocabulary (and logits) size")
     g.add_argument("--steps", type=_non_negative, default=500, help="training steps (0: random weights)")
     g.add_argument("--batch-size", type=_positive, default=16)
@@ -140,6 +146,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--verify-tokens", type=_positive, default=64, help="greedy tokens in the parity check")
     g.add_argument("--seed", type=int, default=0)
     _variant_options(g)
+    g.add_argument("--int4", action="store_true",
+                   help="Llama family: model.int4.onnx, int4 weight-only (MatMulNBits, for CPUs)")
+    g.add_argument("--default-variant", choices=["fp32", "fp16", "int4"], default="fp32",
+                   help="Llama family: the variant the server loads when not told otherwise (default fp32)")
 
     d = commands.add_parser("demo", help="the demo repository: `sentiment` and `docgpt`")
     _output_options(d, "the repository folder, e.g. models")
@@ -207,6 +217,13 @@ def run_generator(args: argparse.Namespace) -> dict[str, Any]:
     from export.repository import check_output, staged_output
 
     check_output(args.out / str(args.version), args.force)
+    if args.import_dir is not None:
+        from export.build_llm import is_llm_source
+
+        if is_llm_source(args.import_dir):
+            return run_llm(args)
+    if args.int4:
+        raise ExportError("--int4 is for Llama-family imports (GPT-2 models have --int8)")
     if args.import_dir is None and not args.corpus:
         raise ExportError("--corpus is required (unless --import)")
     corpus, description = None, ""
@@ -218,12 +235,31 @@ def run_generator(args: argparse.Namespace) -> dict[str, Any]:
         corpus, description = read_corpus(Path(args.corpus)), str(args.corpus)
     opts = GeneratorOptions(
         corpus=corpus, corpus_description=description, name=args.out.resolve().name, version=args.version, import_dir=args.import_dir,
-        layers=args.layers, heads=args.heads, width=args.width, context=args.context, vocab_size=args.vocab_size,
+        layers=args.layers, heads=args.heads, width=args.width, context=args.context or 256, vocab_size=args.vocab_size,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         val_fraction=args.val_fraction, seed=args.seed, variants=_variants(args), verify_tokens=args.verify_tokens,
         command=_command(),
     )
     # Only this version's folder is written: other versions of the model stay beside it.
+    with staged_output(args.out / str(args.version), args.force) as stage:
+        figures = build(opts, stage)
+    figures["path"] = str(args.out / str(args.version))
+    return figures
+
+
+def run_llm(args: argparse.Namespace) -> dict[str, Any]:
+    from export.build_llm import LlmOptions, build
+    from export.errors import ExportError
+    from export.repository import staged_output
+
+    if args.optimize or args.int8:
+        raise ExportError("Llama-family imports have --int4 and --fp16 variants (not --optimize or --int8)")
+    variants = tuple(v for v, on in (("int4", args.int4), ("fp16", args.fp16)) if on)
+    if args.default_variant != "fp32" and args.default_variant not in variants:
+        raise ExportError(f"--default-variant {args.default_variant} needs --{args.default_variant}")
+    opts = LlmOptions(source=args.import_dir, name=args.out.resolve().name, version=args.version, variants=variants,
+                      default_variant=args.default_variant, context=args.context, verify_tokens=args.verify_tokens,
+                      command=_command())
     with staged_output(args.out / str(args.version), args.force) as stage:
         figures = build(opts, stage)
     figures["path"] = str(args.out / str(args.version))
@@ -250,11 +286,15 @@ def _summary(name: str, figures: dict[str, Any]) -> str:
     if "val_loss" in quality:
         parts.append(f"val loss {quality['val_loss']:.4f}, perplexity {quality['perplexity']:.2f}")
     for variant, parity in figures.get("parity", {}).items():
-        text = f"{variant} max abs diff {parity['max_abs_diff']:.2g}"
+        text = variant
+        if "max_abs_diff" in parity:
+            text += f" max abs diff {parity['max_abs_diff']:.2g}"
         if "accuracy_delta" in parity:
             text += f", accuracy {parity['accuracy_delta']:+.4f}"
         if "val_loss_delta" in parity and parity["val_loss_delta"] is not None:
             text += f", val loss {parity['val_loss_delta']:+.4f}"
+        if "perplexity_ratio" in parity:
+            text += f", perplexity x{parity['perplexity_ratio']:.3f}"
         if "token_agreement" in parity:
             text += f", greedy agreement {parity['token_agreement']:.0%}"
         parts.append(text)

@@ -30,6 +30,7 @@ class Variant(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
+    INT4 = "int4"
     OPT = "opt"
 
 
@@ -68,9 +69,12 @@ class Settings:
         default=Device.AUTO,
         metadata=_help("execution provider to use; cuda and tensorrt fail at start-up when not active"),
     )
-    variant: Variant = field(
-        default=Variant.FP32,
-        metadata=_help("model file variant; a model without it falls back to fp32 (logged)"),
+    variant: Variant | None = field(
+        default=None,
+        metadata=_help(
+            "model file variant; unset: each model's own default (config.json `onnx.default_variant`, else "
+            "fp32); a model without the asked variant falls back to fp32 (logged)"
+        ),
     )
     intra_op_threads: int = field(
         default=0, metadata=_help("ONNX Runtime intra-op threads per session (0: ONNX Runtime's default)")

@@ -17,7 +17,7 @@ from .batching import DynamicBatcher
 from .classify import ClassifierModel
 from .config import Settings
 from .errors import InvalidInput, ModelNotFound, Unavailable
-from .generation.model import MAX_STOP_SEQUENCES, GeneratorModel
+from .generation.model import MAX_STOP_SEQUENCES, make_generator
 from .generation.scheduler import GenerationScheduler
 from .metrics import CLASSIFY, Metrics
 from .repository import CLASSIFIER, GENERATOR, ModelConfig
@@ -51,7 +51,7 @@ def _batching(config: ModelConfig, settings: Settings, key: str, default: float)
 def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> ServedModel:
     """Creates the session (raising StartupError when the asked provider is not active) and the model's
     batcher or scheduler, then warms it up. Blocking: call it off the event loop."""
-    variant, path = config.model_file(settings.variant.value)
+    variant, path = config.model_file(settings.variant.value if settings.variant else None)
     session = Session(path, settings.device, settings.intra_op_threads, settings.graph_optimization)
     queue_size = int(_batching(config, settings, "max_queue_size", 1024))
     version = str(config.version)
@@ -92,7 +92,7 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
         served = ServedModel(description, classifier=model, batcher=batcher)
     else:
         active = int(_batching(config, settings, "max_active_sequences", 16))
-        model = GeneratorModel(config, session)
+        model = make_generator(config, session, active)
         description = ModelDescription(
             name=config.name,
             version=version,
@@ -106,6 +106,8 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             max_new_tokens=model.max_new_tokens,
             default_max_new_tokens=model.default_max_new_tokens,
             max_stop_sequences=MAX_STOP_SEQUENCES,
+            architecture=str(config.architecture.get("model_type", "")),
+            chat=model.chat_template is not None,
         )
         scheduler = GenerationScheduler(
             model, max_active_sequences=active, max_queue_size=queue_size, metrics=metrics
@@ -117,6 +119,7 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             logits, cache = model.decode(
                 [int(t) for t in logits.argmax(-1)], [len(ids) + step, 1 + step], cache
             )
+        cache.release()
         served = ServedModel(description, scheduler=scheduler)
     log.info(
         "model %s v%s (%s, %s, %s) warmed up in %.2fs",

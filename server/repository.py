@@ -1,4 +1,4 @@
-"""Reads the model repository (docs/model-repository.md, format version 1): one folder per model, one
+"""Reads the model repository (docs/model-repository.md, format versions 1 and 2): one folder per model, one
 sub-folder per version; the highest version present is served."""
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from .errors import StartupError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# Version 2 adds shared-buffer (GroupQueryAttention) decoders, several end-of-sequence ids, chat templates and
+# a per-model default variant; every version-1 file is also read as it always was.
+FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 2
+# Generator graph contracts (`onnx.kv_cache`): present = past + new tokens, or past and present in one buffer.
+KV_CONCAT = "concat"
+KV_SHARED_BUFFER = "shared_buffer"
 CLASSIFIER = "classifier"
 GENERATOR = "generator"
 
@@ -36,13 +42,17 @@ class ModelConfig:
     labels: tuple[str, ...] = ()
     pooling: str = "cls"
     generation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    kv_cache: str = KV_CONCAT
+    default_variant: str = "fp32"
 
     @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"
 
-    def model_file(self, variant: str) -> tuple[str, Path]:
-        """The (variant, file) to load: the asked variant, or fp32 when this model lacks it."""
+    def model_file(self, variant: str | None) -> tuple[str, Path]:
+        """The (variant, file) to load: the asked variant (None: the model's default), or fp32 when this model
+        lacks it."""
+        variant = variant or self.default_variant
         if variant not in self.variants:
             log.warning(
                 "model %s has no %s variant (has %s); using fp32",
@@ -58,10 +68,12 @@ class ModelConfig:
         path = version_dir / "config.json"
         try:
             raw = json.loads(path.read_text())
-            if raw.get("format_version") != FORMAT_VERSION:
+            if not isinstance(raw, dict):
+                raise StartupError(f"{path}: not a JSON object")
+            if raw.get("format_version") not in FORMAT_VERSIONS:
                 raise StartupError(
                     f"{path}: format_version {raw.get('format_version')!r}, this server reads "
-                    f"{FORMAT_VERSION}"
+                    f"{' and '.join(map(str, FORMAT_VERSIONS))}"
                 )
             kind = raw["kind"]
             if kind not in (CLASSIFIER, GENERATOR):
@@ -82,6 +94,8 @@ class ModelConfig:
                 labels=tuple(raw.get("labels", ())),
                 pooling=raw.get("pooling", "cls"),
                 generation=dict(raw.get("generation", {})),
+                kv_cache=onnx.get("kv_cache", KV_CONCAT),
+                default_variant=onnx.get("default_variant", "fp32"),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise StartupError(f"{path}: cannot read the model config ({type(exc).__name__}: {exc})") from exc
@@ -91,6 +105,12 @@ class ModelConfig:
             )
         if kind == CLASSIFIER and not config.labels:
             raise StartupError(f"{path}: a classifier needs labels")
+        if config.kv_cache not in (KV_CONCAT, KV_SHARED_BUFFER):
+            raise StartupError(
+                f"{path}: onnx.kv_cache {config.kv_cache!r}, expected {KV_CONCAT!r} or {KV_SHARED_BUFFER!r}"
+            )
+        if config.default_variant not in config.variants:
+            raise StartupError(f"{path}: onnx.default_variant {config.default_variant!r} is not in onnx.variants")
         return config
 
 

@@ -111,13 +111,22 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GenerateRequest:
+    """A prompt to continue, or a conversation (role, content) to answer with the model's chat template."""
+
     model: str
     prompt: str
     params: SamplingParams = SamplingParams()
+    messages: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_pb(cls, req: pb.GenerateRequest) -> GenerateRequest:
-        return cls(req.model, req.prompt, SamplingParams.from_pb(req.parameters))
+        messages = tuple((m.role, m.content) for m in req.messages)
+        return cls(req.model, req.prompt, SamplingParams.from_pb(req.parameters), messages)
+
+    @property
+    def text_length(self) -> int:
+        """Characters to tokenize: the prompt, or the conversation's contents."""
+        return len(self.prompt) + sum(len(content) for _, content in self.messages)
 
 
 @dataclasses.dataclass(slots=True)
@@ -202,6 +211,8 @@ class ModelDescription:
     max_new_tokens: int = 0
     default_max_new_tokens: int = 0
     max_stop_sequences: int = 0
+    architecture: str = ""
+    chat: bool = False
 
     def to_pb(self, ready: bool) -> pb.ModelInfo:
         return pb.ModelInfo(
@@ -227,4 +238,6 @@ class ModelDescription:
             variant=self.variant,
             embedding_size=self.embedding_size,
             ready=ready,
+            chat=self.chat,
+            architecture=self.architecture,
         )

@@ -30,3 +30,28 @@ def quick_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert result.returncode == 0, f"export demo --quick failed:\n{result.stdout}\n{result.stderr}"
     return out
+
+
+@pytest.fixture(scope="session")
+def llm_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random Llama and Qwen2 checkpoint folders (tests/llm_util.py: two end-of-sequence ids, a chat
+    template), by architecture."""
+    from llm_util import llm_checkpoint
+
+    base = tmp_path_factory.mktemp("llm-checkpoints")
+    for arch in ("llama", "qwen2"):
+        llm_checkpoint(base / arch, arch)
+    return {arch: base / arch for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def llm_repo(llm_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository of the tiny checkpoints exported by the project's exporter: `tinyllama` (with its int4
+    variant) and `tinyqwen`, both shared-buffer decoders (format version 2)."""
+    from llm_util import run_export
+
+    out = tmp_path_factory.mktemp("llm-repo") / "models"
+    for name, arch, extra in (("tinyllama", "llama", ["--int4"]), ("tinyqwen", "qwen2", [])):
+        result = run_export("generator", "--import", str(llm_checkpoints[arch]), "--out", str(out / name), *extra)
+        assert result.returncode == 0, f"export of {name} failed:\n{result.stdout}\n{result.stderr[-3000:]}"
+    return out

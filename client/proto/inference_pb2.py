@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnlpserve/v1/inference.proto\x12\x0bnlpserve.v1\"`\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x18\n\x10return_embedding\x18\x03 \x01(\x08\x12\x15\n\rno_truncation\x18\x04 \x01(\x08\"\x7f\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x11\n\tembedding\x18\x06 \x03(\x02\"v\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12,\n\x07results\x18\x04 \x03(\x0b\x32\x1b.nlpserve.v1.Classification\"\xfc\x01\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"g\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\nparameters\x18\x03 \x01(\x0b\x32!.nlpserve.v1.GenerationParameters\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xe7\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.nlpserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.nlpserve.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.nlpserve.v1.Timings\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.nlpserve.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8c\x01\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x1a\n\x12max_queue_delay_ms\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\x12\x1c\n\x14max_active_sequences\x18\x04 \x01(\x05\x12\x0e\n\x06policy\x18\x05 \x01(\t\"\x9d\x01\n\x0bModelLimits\x12\x1b\n\x13max_sequence_length\x18\x01 \x01(\x05\x12\x1d\n\x15max_texts_per_request\x18\x02 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x04 \x01(\x05\x12\x1a\n\x12max_stop_sequences\x18\x05 \x01(\x05\"\x8f\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.nlpserve.v1.ModelKind\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12(\n\x06limits\x18\x05 \x01(\x0b\x32\x18.nlpserve.v1.ModelLimits\x12/\n\x08\x62\x61tching\x18\x06 \x01(\x0b\x32\x1d.nlpserve.v1.BatchingSettings\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x0f\n\x07variant\x18\x08 \x01(\t\x12\x16\n\x0e\x65mbedding_size\x18\t \x01(\x05\x12\r\n\x05ready\x18\n \x01(\x08*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_CLASSIFIER\x10\x01\x12\x18\n\x14MODEL_KIND_GENERATOR\x10\x02\x32\x86\x03\n\x10InferenceService\x12G\n\x08\x43lassify\x12\x1c.nlpserve.v1.ClassifyRequest\x1a\x1d.nlpserve.v1.ClassifyResponse\x12G\n\x08Generate\x12\x1c.nlpserve.v1.GenerateRequest\x1a\x1d.nlpserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.nlpserve.v1.GenerateRequest\x1a\x1d.nlpserve.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.nlpserve.v1.ListModelsRequest\x1a\x1f.nlpserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.nlpserve.v1.GetModelRequest\x1a\x16.nlpserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnlpserve/v1/inference.proto\x12\x0bnlpserve.v1\"`\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x18\n\x10return_embedding\x18\x03 \x01(\x08\x12\x15\n\rno_truncation\x18\x04 \x01(\x08\"\x7f\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x11\n\tembedding\x18\x06 \x03(\x02\"v\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12,\n\x07results\x18\x04 \x03(\x0b\x32\x1b.nlpserve.v1.Classification\"\xfc\x01\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x93\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\nparameters\x18\x03 \x01(\x0b\x32!.nlpserve.v1.GenerationParameters\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.nlpserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xe7\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.nlpserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.nlpserve.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.nlpserve.v1.Timings\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.nlpserve.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8c\x01\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x1a\n\x12max_queue_delay_ms\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\x12\x1c\n\x14max_active_sequences\x18\x04 \x01(\x05\x12\x0e\n\x06policy\x18\x05 \x01(\t\"\x9d\x01\n\x0bModelLimits\x12\x1b\n\x13max_sequence_length\x18\x01 \x01(\x05\x12\x1d\n\x15max_texts_per_request\x18\x02 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x04 \x01(\x05\x12\x1a\n\x12max_stop_sequences\x18\x05 \x01(\x05\"\xb3\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.nlpserve.v1.ModelKind\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12(\n\x06limits\x18\x05 \x01(\x0b\x32\x18.nlpserve.v1.ModelLimits\x12/\n\x08\x62\x61tching\x18\x06 \x01(\x0b\x32\x1d.nlpserve.v1.BatchingSettings\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x0f\n\x07variant\x18\x08 \x01(\t\x12\x16\n\x0e\x65mbedding_size\x18\t \x01(\x05\x12\r\n\x05ready\x18\n \x01(\x08\x12\x0c\n\x04\x63hat\x18\x0b \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\x0c \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_CLASSIFIER\x10\x01\x12\x18\n\x14MODEL_KIND_GENERATOR\x10\x02\x32\x86\x03\n\x10InferenceService\x12G\n\x08\x43lassify\x12\x1c.nlpserve.v1.ClassifyRequest\x1a\x1d.nlpserve.v1.ClassifyResponse\x12G\n\x08Generate\x12\x1c.nlpserve.v1.GenerateRequest\x1a\x1d.nlpserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.nlpserve.v1.GenerateRequest\x1a\x1d.nlpserve.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.nlpserve.v1.ListModelsRequest\x1a\x1f.nlpserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.nlpserve.v1.GetModelRequest\x1a\x16.nlpserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nlpserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1830
-  _globals['_FINISHREASON']._serialized_end=1948
-  _globals['_MODELKIND']._serialized_start=1950
-  _globals['_MODELKIND']._serialized_end=2042
+  _globals['_FINISHREASON']._serialized_start=1957
+  _globals['_FINISHREASON']._serialized_end=2075
+  _globals['_MODELKIND']._serialized_start=2077
+  _globals['_MODELKIND']._serialized_end=2169
   _globals['_CLASSIFYREQUEST']._serialized_start=44
   _globals['_CLASSIFYREQUEST']._serialized_end=140
   _globals['_CLASSIFICATION']._serialized_start=142
@@ -44,26 +44,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE']._serialized_end=389
   _globals['_GENERATIONPARAMETERS']._serialized_start=392
   _globals['_GENERATIONPARAMETERS']._serialized_end=644
-  _globals['_GENERATEREQUEST']._serialized_start=646
-  _globals['_GENERATEREQUEST']._serialized_end=749
-  _globals['_USAGE']._serialized_start=751
-  _globals['_USAGE']._serialized_end=807
-  _globals['_TIMINGS']._serialized_start=809
-  _globals['_TIMINGS']._serialized_end=901
-  _globals['_GENERATERESPONSE']._serialized_start=904
-  _globals['_GENERATERESPONSE']._serialized_end=1135
-  _globals['_LISTMODELSREQUEST']._serialized_start=1137
-  _globals['_LISTMODELSREQUEST']._serialized_end=1156
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1158
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1218
-  _globals['_GETMODELREQUEST']._serialized_start=1220
-  _globals['_GETMODELREQUEST']._serialized_end=1251
-  _globals['_BATCHINGSETTINGS']._serialized_start=1254
-  _globals['_BATCHINGSETTINGS']._serialized_end=1394
-  _globals['_MODELLIMITS']._serialized_start=1397
-  _globals['_MODELLIMITS']._serialized_end=1554
-  _globals['_MODELINFO']._serialized_start=1557
-  _globals['_MODELINFO']._serialized_end=1828
-  _globals['_INFERENCESERVICE']._serialized_start=2045
-  _globals['_INFERENCESERVICE']._serialized_end=2435
+  _globals['_GENERATEREQUEST']._serialized_start=647
+  _globals['_GENERATEREQUEST']._serialized_end=794
+  _globals['_CHATMESSAGE']._serialized_start=796
+  _globals['_CHATMESSAGE']._serialized_end=840
+  _globals['_USAGE']._serialized_start=842
+  _globals['_USAGE']._serialized_end=898
+  _globals['_TIMINGS']._serialized_start=900
+  _globals['_TIMINGS']._serialized_end=992
+  _globals['_GENERATERESPONSE']._serialized_start=995
+  _globals['_GENERATERESPONSE']._serialized_end=1226
+  _globals['_LISTMODELSREQUEST']._serialized_start=1228
+  _globals['_LISTMODELSREQUEST']._serialized_end=1247
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1249
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1309
+  _globals['_GETMODELREQUEST']._serialized_start=1311
+  _globals['_GETMODELREQUEST']._serialized_end=1342
+  _globals['_BATCHINGSETTINGS']._serialized_start=1345
+  _globals['_BATCHINGSETTINGS']._serialized_end=1485
+  _globals['_MODELLIMITS']._serialized_start=1488
+  _globals['_MODELLIMITS']._serialized_end=1645
+  _globals['_MODELINFO']._serialized_start=1648
+  _globals['_MODELINFO']._serialized_end=1955
+  _globals['_INFERENCESERVICE']._serialized_start=2172
+  _globals['_INFERENCESERVICE']._serialized_end=2562
 # @@protoc_insertion_point(module_scope)

@@ -264,26 +264,59 @@ class GenerateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The generator to use; empty selects the only generator the server hosts."""
     prompt: _builtins.str
-    """The prompt (not empty)."""
+    """The prompt (not empty), continued as it is. Set either `prompt` or `messages`."""
     @_builtins.property
     def parameters(self) -> Global___GenerationParameters: ...
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """A conversation to answer instead of a prompt: rendered with the model's own chat template (as
+        transformers' apply_chat_template(..., add_generation_prompt=True) renders it), then continued; the answer
+        ends at any of the model's end-of-sequence tokens. INVALID_ARGUMENT for a model without a chat template
+        (ModelInfo.chat tells).
+        """
+
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         prompt: _builtins.str = ...,
         parameters: Global___GenerationParameters | None = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parameters", b"parameters", "prompt", b"prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "parameters", b"parameters", "prompt", b"prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user" or "assistant" (what the model's template accepts)."""
+    content: _builtins.str
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
@@ -528,6 +561,8 @@ class ModelInfo(_message.Message):
     VARIANT_FIELD_NUMBER: _builtins.int
     EMBEDDING_SIZE_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     kind: Global___ModelKind.ValueType
@@ -539,6 +574,10 @@ class ModelInfo(_message.Message):
     """Classifiers: size of the pooled embedding (0 when the model has none)."""
     ready: _builtins.bool
     """True once the model is loaded and warmed up."""
+    chat: _builtins.bool
+    """Generators: the model has a chat template, so GenerateRequest.messages is accepted."""
+    architecture: _builtins.str
+    """The transformers model_type of the network, e.g. "bert", "gpt2", "llama", "qwen2"."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Classifiers: the class labels."""
@@ -560,10 +599,12 @@ class ModelInfo(_message.Message):
         variant: _builtins.str = ...,
         embedding_size: _builtins.int = ...,
         ready: _builtins.bool = ...,
+        chat: _builtins.bool = ...,
+        architecture: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "embedding_size", b"embedding_size", "execution_provider", b"execution_provider", "kind", b"kind", "labels", b"labels", "limits", b"limits", "name", b"name", "ready", b"ready", "variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "batching", b"batching", "chat", b"chat", "embedding_size", b"embedding_size", "execution_provider", b"execution_provider", "kind", b"kind", "labels", b"labels", "limits", b"limits", "name", b"name", "ready", b"ready", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -99,6 +99,9 @@ class KVCache:
         base = idx if self._rows is None else self._rows[idx]
         return KVCache(self._keys, self._values, mask[:, trim:], base, self._start + trim)
 
+    def release(self) -> None:
+        """Nothing to free: the arrays go with the object (the slot cache frees its slots here)."""
+
     @staticmethod
     def join(a: KVCache, b: KVCache) -> KVCache:
         """`a`'s rows then `b`'s, left-padding the shorter past; pending selections are applied in the same

@@ -1,7 +1,9 @@
 """The generator model: request validation, prefill and decode steps on one decoder graph.
 
 Both steps are plain blocking functions of arrays (no gRPC, no asyncio); the scheduler calls them from its
-own thread. The graph follows docs/model-repository.md: left padding, position ids counting real tokens only.
+own thread. Two graph contracts (docs/model-repository.md): `GeneratorModel` drives the concatenating decoder
+(left padding, position ids counting real tokens, present = past + new), `SharedBufferGenerator` the
+GroupQueryAttention decoder whose past and present share one preallocated buffer (slot_cache.py).
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ..errors import InvalidInput
 from ..repository import ModelConfig
 from ..runtime import Session
 from ..types import GenerateRequest, SamplingParams
+from .chat_template import ChatTemplate
 from .kv_cache import KVCache
+from .slot_cache import SlotCache, SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +62,12 @@ class GeneratorModel:
         gen = config.generation
         self.max_new_tokens = int(gen.get("max_new_tokens", self.context_length - 1))
         self.default_max_new_tokens = min(int(gen.get("default_max_new_tokens", 64)), self.max_new_tokens)
-        eos = config.special_tokens.get("eos")
-        self.eos_id: int | None = int(eos) if eos is not None else None
+        # A model may end a sequence with any of several ids (Llama 3: <|end_of_text|>, <|eot_id|>, ...).
+        eos = gen.get("eos_token_ids")
+        if eos is None:
+            eos = [] if config.special_tokens.get("eos") is None else [config.special_tokens["eos"]]
+        self.eos_ids: frozenset[int] = frozenset(int(e) for e in eos)
+        self.chat_template = ChatTemplate.from_folder(config.path)
         self.cache_dtype = session.input_types.get("past_key_values.0.key", np.float32)
         # Graphs that take `logits_positions` (docs/model-repository.md) compute logits for the last position
         # only; older exports return them for every position, and the last is picked here.
@@ -71,11 +80,22 @@ class GeneratorModel:
     def prepare(self, request: GenerateRequest) -> PreparedRequest:
         """Tokenizes the prompt and checks every parameter; raises InvalidInput naming the field."""
         p = request.params
-        if not request.prompt:
+        if request.messages:
+            if request.prompt:
+                raise InvalidInput("messages", "set either prompt or messages, not both")
+            if self.chat_template is None:
+                raise InvalidInput("messages", f"model {self.config.name} has no chat template; send a prompt")
+        elif not request.prompt:
             raise InvalidInput("prompt", "empty prompt")
         check_params(p, self.max_new_tokens)
         max_new = p.max_new_tokens if p.max_new_tokens is not None else self.default_max_new_tokens
-        prompt_ids = self.tokenizer.encode(request.prompt).ids
+        if request.messages:
+            # The template writes the special tokens itself (as transformers' apply_chat_template, which
+            # tokenizes without adding them again).
+            text = self.chat_template.render(request.messages, add_generation_prompt=True)
+            prompt_ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        else:
+            prompt_ids = self.tokenizer.encode(request.prompt).ids
         if not prompt_ids:
             raise InvalidInput("prompt", "the prompt has no tokens")
         if len(prompt_ids) + max_new > self.context_length:
@@ -88,6 +108,9 @@ class GeneratorModel:
         return PreparedRequest(request, prompt_ids, max_new, seed)
 
     # -- the two steps (in the scheduler's thread) -------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forgets every cached sequence (the scheduler dropped its running batch after a failure)."""
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVCache]:
         """Runs the prompts (left-padded into one batch); returns last-position logits (B, vocab) and the cache."""
@@ -124,6 +147,96 @@ class GeneratorModel:
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
         return logits, KVCache(outputs[1::2], outputs[2::2], mask)
+
+
+class SharedBufferGenerator(GeneratorModel):
+    """A GroupQueryAttention decoder (onnxruntime-genai's layout) on a preallocated cache of `slots` rows.
+
+    The graph takes `input_ids` and `attention_mask` only (no position ids: the op rotates by each row's length,
+    which it reads from the mask); a row's tokens sit at positions 0..length-1 of its slot ("right padding")."""
+
+    def __init__(self, config: ModelConfig, session: Session, slots: int) -> None:
+        super().__init__(config, session)
+        self.num_kv_heads = int(self.config.architecture.get("num_kv_heads") or self.num_heads)
+        self.pool = SlotPool(
+            self.num_layers,
+            slots,
+            self.num_kv_heads,
+            self.context_length,
+            self.head_size,
+            self.cache_dtype,
+            session.device,
+        )
+        self._cache_names = [
+            (f"past_key_values.{i}.{kv}", f"present.{i}.{kv}")
+            for i in range(self.num_layers)
+            for kv in ("key", "value")
+        ]
+        self._element = self.pool.dtype.type
+        self._decode_binding: tuple[int, ort.IOBinding] | None = None
+
+    def reset(self) -> None:
+        self.pool.reset()
+
+    def _bind_cache(self, binding: ort.IOBinding, first_slot: int, rows: int) -> None:
+        shape = (rows, *self.pool.row_shape)
+        device = self.pool.device
+        for (past, present), pointer in zip(self._cache_names, self.pool.pointers(first_slot)):
+            binding.bind_input(past, device, 0, self._element, shape, pointer)
+            binding.bind_output(present, device, 0, self._element, shape, pointer)
+
+    def _run(self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output("logits", "cpu")
+        self.session.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[-1].numpy()  # bound last, so listed last
+        logits = logits[:, -1, : self.sampled_vocab_size]
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, SlotCache]:
+        """Each prompt into a free slot of its own; returns last-position logits (B, vocab) and the cache."""
+        slots: list[int] = []
+        rows = []
+        try:
+            for ids in prompts:
+                slot = self.pool.take()
+                slots.append(slot)
+                binding = self.session.session.io_binding()
+                self._bind_cache(binding, slot, 1)
+                input_ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+                rows.append(self._run(binding, input_ids, np.ones_like(input_ids)))
+        except BaseException:
+            self.pool.release(slots)
+            raise
+        return np.concatenate(rows), SlotCache(self.pool, slots, [len(p) for p in prompts])
+
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], cache: SlotCache
+    ) -> tuple[np.ndarray, SlotCache]:
+        """One step over slots 0..highest in use (idle slots get a dummy token); `positions` are implied by
+        the slots' lengths."""
+        span = max(cache.slots) + 1
+        input_ids = np.zeros((span, 1), dtype=np.int64)
+        lengths = np.zeros(span, dtype=np.int64)  # idle slots: a one-token mask, output ignored
+        input_ids[cache.slots, 0] = tokens
+        lengths[cache.slots] = cache.lengths
+        width = int(lengths.max()) + 1
+        mask = (np.arange(width) <= lengths[:, None]).astype(np.int64)
+        # The cache bindings depend only on how many slots the step spans: reuse them while that holds.
+        if self._decode_binding is None or self._decode_binding[0] != span:
+            binding = self.session.session.io_binding()
+            self._bind_cache(binding, 0, span)
+            self._decode_binding = (span, binding)
+        logits = self._run(self._decode_binding[1], input_ids, mask)
+        return logits[cache.slots], SlotCache(self.pool, cache.slots, [n + 1 for n in cache.lengths])
+
+
+def make_generator(config: ModelConfig, session: Session, max_active_sequences: int) -> GeneratorModel:
+    """The model class for the graph's contract (config.json's `onnx.kv_cache`)."""
+    if config.kv_cache == "shared_buffer":
+        return SharedBufferGenerator(config, session, max_active_sequences)
+    return GeneratorModel(config, session)
 
 
 def check_params(p: SamplingParams, max_new_tokens_limit: int) -> None:

@@ -30,6 +30,7 @@ from .detokenize import IncrementalDetokenizer
 from .kv_cache import KVCache
 from .model import GeneratorModel, PreparedRequest
 from .sampling import Sampler, sample_batch
+from .slot_cache import SlotCache
 from .stopping import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class GenerationScheduler:
         self.max_queue_size = max_queue_size
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
-        self._cache: KVCache | None = None
+        self._cache: KVCache | SlotCache | None = None
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -213,7 +214,7 @@ class GenerationScheduler:
         cancelled) cancels the sequence, which leaves the batch at the next step boundary."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
         prepared = None
-        if len(request.prompt) > LONG_PROMPT_CHARS:
+        if request.text_length > LONG_PROMPT_CHARS:
             # Tokenizing a prompt of megabytes takes seconds: not on the event loop, which serves everyone.
             prepared = await asyncio.to_thread(self.model.prepare, request)
         handle = self.submit(request, queue.put_nowait, deadline, prepared)
@@ -278,7 +279,7 @@ class GenerationScheduler:
                 log.exception("model %s: the scheduler failed; failing the running sequences", self.name)
                 running = [s for s in {*self._active, *admitted} if not s.finished]
                 events.extend((seq.sink, exc) for seq in running)  # keep what finished before it
-                self._active, self._cache = [], None
+                self._drop_batch()
             with self._cond:
                 self._gauges()
             if events:
@@ -298,7 +299,12 @@ class GenerationScheduler:
             except Exception as exc:  # fails the sequences of this step only
                 log.exception("model %s: a decode step of %d sequences failed", self.name, len(self._active))
                 events.extend((seq.sink, exc) for seq in self._active)
-                self._active, self._cache = [], None
+                self._drop_batch()
+
+    def _drop_batch(self) -> None:
+        """Forgets the running batch (after a failure): its sequences and every cached row."""
+        self._active, self._cache = [], None
+        self.model.reset()
 
     def _leave(self, events: list[tuple[Sink, Event]]) -> None:
         """Drops cancelled and expired sequences from the running batch (at a step boundary)."""
@@ -312,7 +318,7 @@ class GenerationScheduler:
                 keep.append(row)
         if len(keep) < len(self._active):
             self._active = [self._active[r] for r in keep]
-            self._cache = self._cache.select(keep) if keep else None
+            self._cache = self._cache.select(keep)
             with self._cond:
                 self._gauges()
 
@@ -345,9 +351,9 @@ class GenerationScheduler:
             for seq in chunk:
                 seq.position = len(seq.prepared.prompt_ids)
             keep = self._accept(chunk, logits, events)
+            cache = cache.select(keep)  # frees what ended at its first token
             if keep:
-                cache = cache.select(keep)
-                self._cache = cache if self._cache is None else KVCache.join(self._cache, cache)
+                self._cache = cache if self._cache is None else type(cache).join(self._cache, cache)
                 self._active.extend(chunk[r] for r in keep)
         with self._cond:
             self._gauges()
@@ -363,7 +369,7 @@ class GenerationScheduler:
         keep = self._accept(active, logits, events)
         if len(keep) < len(active):
             self._active = [active[r] for r in keep]
-            cache = cache.select(keep) if keep else None
+            cache = cache.select(keep)
         self._cache = cache
         if self._m is not None:
             self._m_compute.observe(time.monotonic() - start)
@@ -374,7 +380,7 @@ class GenerationScheduler:
         tokens, logprobs = sample_batch(logits, [s.sampler for s in seqs], [s.want_logprobs for s in seqs])
         now = time.monotonic()
         keep = []
-        eos = self.model.eos_id
+        eos = self.model.eos_ids
         for row, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs)):
             if seq.generated == 0:
                 seq.first_token = now
@@ -389,7 +395,7 @@ class GenerationScheduler:
             if logprob is not None:
                 seq.pending_logprobs.append(logprob)
             finish = None
-            if eos is not None and token == eos:
+            if token in eos:
                 finish = FinishReason.EOS
                 text = seq.stopper.flush()
             else:

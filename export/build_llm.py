@@ -1,0 +1,429 @@
+"""Llama-family decoders (Llama, Qwen2, Mistral, SmolLM): import a local checkpoint or a GGUF file, convert it
+with the onnxruntime-genai model builder, verify the graph against PyTorch, write a repository folder.
+
+The builder writes a GroupQueryAttention decoder whose past and present key/value tensors can share one
+preallocated buffer (docs/model-repository.md, "shared-buffer decoders"): the contract the server's slot cache
+is built on. Verification drives the graph through the server's own generator code, so what is checked is
+what will be served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.errors import ExportError, VerificationError, check_checkpoint_folder, checkpoint_load_error
+from export.repository import GENERATOR_BATCHING, provenance, write_json
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+FORMAT_VERSION = 2
+VARIANT_FILES = {"fp32": "model.onnx", "int4": "model.int4.onnx", "fp16": "model.fp16.onnx"}
+PRECISIONS = {"fp32": "fp32", "int4": "int4", "fp16": "fp16"}
+# fp32 against PyTorch fp32: logits at every step, and every greedy token.
+PARITY_BOUND = 1e-4
+# Weight-only int4 and fp16 change the numbers by design: their gate is greedy agreement with PyTorch (its own
+# greedy tokens fed back, so one early difference does not decide the rest) and perplexity on held-out text.
+MIN_AGREEMENT = {"int4": 0.5, "fp16": 0.9}
+MAX_PERPLEXITY_RATIO = {"int4": 1.25, "fp16": 1.02}
+DEFAULT_CONTEXT = 2048  # the served context when the model allows more (the KV cache grows with it)
+HELD_OUT = (
+    "The river rises in the hills north of the town and runs south through farmland for forty miles before it "
+    "reaches the sea. In spring the water is high and fast, and the old stone bridge has been closed twice in "
+    "the last ten years. The town council has asked engineers to study whether a new bridge should be built "
+    "upstream, where the valley is narrow and the banks are rock. Their report is expected next year. Most "
+    "people who live here say they would miss the old bridge, which was built in 1820 and appears on the "
+    "town's seal, but they agree that it cannot carry the traffic of today."
+)
+PROMPTS = (
+    "What is the capital of France?",
+    "The quick brown fox",
+    "Write a short poem about the sea and the wind, in four lines:",
+)
+
+
+@dataclasses.dataclass
+class LlmOptions:
+    source: Path  # a checkpoint folder or a .gguf file
+    name: str
+    version: int = 1
+    variants: tuple[str, ...] = ()  # of "int4", "fp16"
+    default_variant: str = "fp32"
+    context: int | None = None
+    verify_tokens: int = 64
+    command: list[str] | None = None
+    description: str | None = None
+
+
+def is_llm_source(path: Path) -> bool:
+    """A .gguf file, or a checkpoint folder whose model_type is not gpt2 (the GPT-2 path stays as it was)."""
+    if path.suffix == ".gguf":
+        return True
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return model_type != "gpt2"
+
+
+# -- sources --------------------------------------------------------------------------------------------------
+
+
+def gguf_facts(path: Path) -> tuple[str, set[str]]:
+    """The architecture and tensor types of a GGUF file, read from its header (no weights loaded)."""
+    import gguf
+
+    if not path.is_file():
+        raise ExportError(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+        types = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors}
+    except (KeyError, ValueError, OSError, IndexError) as exc:
+        raise ExportError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {str(exc)[:120]})") from None
+    return arch, types
+
+
+def _supported_gguf_types() -> set[str]:
+    """transformers dequantizes GGUF tensors with gguf's own numpy kernels: the types those cover."""
+    from gguf.quants import _type_traits  # the registry of gguf's dequantizers
+
+    return {"F32", "F16"} | {t.name for t in _type_traits}
+
+
+def checkpoint_from_gguf(path: Path, work: Path) -> Path:
+    """Loads a GGUF file with transformers (dequantized to fp32) and saves it as a plain checkpoint folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch, types = gguf_facts(path)
+    if arch not in SUPPORTED:
+        raise ExportError(f"{path.name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    supported_types = _supported_gguf_types()
+    unsupported = sorted(types - supported_types)
+    if unsupported:
+        raise ExportError(
+            f"{path.name}: GGUF tensor type {', '.join(unsupported)} is not supported "
+            f"(supported: {', '.join(sorted(supported_types))})"
+        )
+    t0 = time.monotonic()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # noqa: BLE001 (transformers raises ValueError, KeyError, OSError... for bad files)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"cannot load GGUF file {path}: {first}") from None
+    # save_pretrained refuses a GGUF-loaded model; the same weights in a fresh model of the same class save.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    folder = work / "checkpoint"
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    logger.info("GGUF %s (%s; %s) dequantized to a checkpoint in %.1f s", path.name, arch, ", ".join(sorted(types)),
+                time.monotonic() - t0)
+    return folder
+
+
+def check_checkpoint(folder: Path) -> dict[str, Any]:
+    check_checkpoint_folder(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {folder / 'config.json'}: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in SUPPORTED:
+        raise ExportError(
+            f"checkpoint folder {folder} holds a {model_type!r} model; supported: gpt2, {', '.join(SUPPORTED)}"
+        )
+    if not (folder / "tokenizer.json").is_file():
+        raise ExportError(f"checkpoint folder {folder} has no tokenizer.json (a fast tokenizer is needed)")
+    return config
+
+
+# -- conversion -----------------------------------------------------------------------------------------------
+
+
+def run_builder(checkpoint: Path, out: Path, precision: str, filename: str, work: Path) -> None:
+    """The onnxruntime-genai model builder, in a child process (its progress output goes to a log file)."""
+    log_path = work / f"builder-{precision}.log"
+    command = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
+        "-p", PRECISIONS[precision], "-e", "cpu", "-c", str(work / "cache"),
+        # The language-model head runs on the last position only during a prefill (the server reads no other).
+        "--extra_options", "prune_lm_head=true", f"filename={filename}",
+    ]
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        raise ExportError(f"the onnxruntime-genai builder failed ({precision}): {lines[-1][:300] if lines else '?'}")
+    logger.info("onnxruntime-genai builder: %s %s in %.1f s", precision, filename, time.monotonic() - t0)
+
+
+# -- verification ---------------------------------------------------------------------------------------------
+
+
+def served_model(version_dir: Path, config: dict[str, Any], filename: str, slots: int = 4) -> Any:
+    """The server's own generator over `filename`, as it would serve it (CPU provider)."""
+    from server.config import Device
+    from server.generation.model import SharedBufferGenerator
+    from server.repository import ModelConfig
+    from server.runtime import Session
+
+    model_config = ModelConfig(
+        name=config["name"], version=1, kind="generator", path=version_dir,
+        max_sequence_length=config["max_sequence_length"], special_tokens=config["special_tokens"],
+        architecture=config["architecture"], onnx_inputs=tuple(config["onnx"]["inputs"]),
+        onnx_outputs=tuple(config["onnx"]["outputs"]), variants=config["onnx"]["variants"], batching={},
+        generation=config["generation"], kv_cache="shared_buffer",
+    )
+    session = Session(version_dir / filename, Device.CPU)
+    return SharedBufferGenerator(model_config, session, slots)
+
+
+def _reference_logits(model: Any, ids: list[int]) -> np.ndarray:
+    """PyTorch recomputing the whole sequence: the last position's logits, float64."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+    return out.double().numpy()
+
+
+def parity(model: Any, served: Any, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    """Greedy decoding of `prompts` together through the served graph; at every step its logits are compared
+    with PyTorch recomputing each whole sequence, and its token with PyTorch's argmax."""
+    logits, cache = served.prefill(prompts)
+    sequences = [list(p) for p in prompts]
+    worst, agree, steps = 0.0, 0, 0
+    try:
+        for step in range(new_tokens):
+            tokens = []
+            for row, seq in enumerate(sequences):
+                ref = _reference_logits(model, seq)[: logits.shape[1]]
+                worst = max(worst, float(np.abs(logits[row].astype(np.float64) - ref).max()))
+                token = int(logits[row].argmax())
+                agree += int(token == int(ref.argmax()))
+                steps += 1
+                seq.append(token)
+                tokens.append(token)
+            if step + 1 < new_tokens:
+                logits, cache = served.decode(tokens, [len(s) - 1 for s in sequences], cache)
+    finally:
+        cache.release()
+    return {"max_abs_diff": worst, "token_agreement": agree / steps, "new_tokens": new_tokens}
+
+
+def agreement(model: Any, served: Any, prompt: list[int], new_tokens: int) -> float:
+    """Teacher-forced greedy agreement: PyTorch's greedy tokens are fed to the graph, and at each step the
+    graph's argmax is compared with PyTorch's."""
+    reference = list(prompt)
+    for _ in range(new_tokens):
+        reference.append(int(_reference_logits(model, reference).argmax()))
+    logits, cache = served.prefill([prompt])
+    agree = 0
+    try:
+        for i in range(new_tokens):
+            agree += int(int(logits[0].argmax()) == reference[len(prompt) + i])
+            if i + 1 < new_tokens:
+                logits, cache = served.decode([reference[len(prompt) + i]], [len(prompt) + i], cache)
+    finally:
+        cache.release()
+    return agree / new_tokens
+
+
+def perplexity_onnx(served: Any, ids: list[int]) -> float:
+    """Perplexity of `ids` (after the first) through the graph, one token at a time (its head sees the last
+    position only)."""
+    logits, cache = served.prefill([ids[:1]])
+    total = 0.0
+    try:
+        for i in range(1, len(ids)):
+            row = logits[0].astype(np.float64)
+            total += float(np.log(np.exp(row - row.max()).sum()) + row.max() - row[ids[i]])
+            if i + 1 < len(ids):
+                logits, cache = served.decode([ids[i]], [i], cache)
+    finally:
+        cache.release()
+    return math.exp(total / (len(ids) - 1))
+
+
+def perplexity_torch(model: Any, ids: list[int]) -> float:
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids]), use_cache=False)
+    return math.exp(float(out.loss))
+
+
+# -- the build ------------------------------------------------------------------------------------------------
+
+
+def _eos_ids(folder: Path, config: dict[str, Any]) -> list[int]:
+    ids: list[int] = []
+    sources = [config.get("eos_token_id")]
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        sources.insert(0, json.loads(gen_path.read_text()).get("eos_token_id"))
+    for value in sources:
+        for e in value if isinstance(value, list) else [value]:
+            if isinstance(e, int) and e not in ids:
+                ids.append(e)
+    return ids
+
+
+def _copy_tokenizer_files(checkpoint: Path, built: Path, version_dir: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                 "generation_config.json"):
+        for folder in (built, checkpoint):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, version_dir / name)
+                break
+
+
+def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
+    import onnx
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    started = time.monotonic()
+    figures: dict[str, Any] = {}
+    version_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nlpserve-llm-") as tmp:
+        work = Path(tmp)
+        if opts.source.suffix == ".gguf":
+            checkpoint = checkpoint_from_gguf(opts.source, work)
+            source = f"{opts.source.name} (GGUF, dequantized to fp32 by transformers)"
+        else:
+            checkpoint = opts.source
+            source = str(opts.source)
+        hf = check_checkpoint(checkpoint)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager")
+        except Exception as exc:  # noqa: BLE001
+            raise checkpoint_load_error(checkpoint, exc) from None
+        model.eval()
+        files = {"fp32": VARIANT_FILES["fp32"]}
+        for variant in ("fp32", *opts.variants):
+            out = work / f"built-{variant}"
+            run_builder(checkpoint, out, variant, VARIANT_FILES[variant], work)
+            for path in out.iterdir():
+                if path.name.startswith(VARIANT_FILES[variant]) or (variant == "fp32" and path.name == "genai_config.json"):
+                    shutil.move(str(path), version_dir / path.name)
+            files[variant] = VARIANT_FILES[variant]
+            if variant == "fp32":
+                _copy_tokenizer_files(checkpoint, out, version_dir)
+
+        cfg = model.config
+        head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        context = min(cfg.max_position_embeddings, opts.context or DEFAULT_CONTEXT)
+        eos_ids = _eos_ids(checkpoint, hf)
+        tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
+
+        def token_id(name: str) -> int | None:
+            value = getattr(cfg, f"{name}_token_id", None)
+            return value[0] if isinstance(value, list) else value
+
+        layers = cfg.num_hidden_layers
+        graph = onnx.load(str(version_dir / files["fp32"]), load_external_data=False).graph
+        inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
+        expected = {"input_ids", "attention_mask", "logits"} | {
+            f"{kind}.{i}.{kv}" for kind in ("past_key_values", "present") for i in range(layers) for kv in ("key", "value")
+        }
+        if set(inputs) | set(outputs) != expected:
+            raise VerificationError(f"the builder's graph has inputs {inputs[:4]}... and outputs {outputs[:3]}..., "
+                                    "not the shared-buffer decoder contract")
+        config: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "name": opts.name,
+            "version": opts.version,
+            "kind": "generator",
+            "labels": [],
+            "max_sequence_length": context,
+            "pooling": None,
+            "special_tokens": {"pad": token_id("pad"), "unk": None, "cls": None, "sep": None, "bos": token_id("bos"),
+                               "eos": eos_ids[0] if eos_ids else None},
+            "architecture": {
+                "model_type": cfg.model_type,
+                "num_layers": layers,
+                "num_heads": cfg.num_attention_heads,
+                "num_kv_heads": cfg.num_key_value_heads,
+                "head_size": head_size,
+                "hidden_size": cfg.hidden_size,
+                "vocab_size": cfg.vocab_size,
+                "tokenizer_vocab_size": tokenizer.get_vocab_size(),
+                "context_length": cfg.max_position_embeddings,
+            },
+            "onnx": {"kv_cache": "shared_buffer", "inputs": inputs, "outputs": outputs, "variants": files,
+                     "default_variant": opts.default_variant if opts.default_variant in files else "fp32",
+                     "exporter": "onnxruntime-genai model builder (GroupQueryAttention, prune_lm_head)"},
+            "batching": dict(GENERATOR_BATCHING),
+            "generation": {"default_max_new_tokens": 128, "max_new_tokens": min(1024, context - 1),
+                           "eos_token_ids": eos_ids},
+        }
+
+        prompt_ids = [tokenizer.encode(p).ids for p in PROMPTS]
+        new_tokens = max(1, min(opts.verify_tokens, context - max(len(p) for p in prompt_ids) - 1))
+        quality: dict[str, Any] = {}
+        t0 = time.monotonic()
+        served = served_model(version_dir, config, files["fp32"])
+        fp32: dict[str, Any] = {"new_tokens": new_tokens}
+        for label, batch in (("batch1", prompt_ids[:1]), ("batch3", prompt_ids)):
+            result = parity(model, served, batch, new_tokens)
+            fp32[label] = {"max_abs_diff": result["max_abs_diff"]}
+            if result["max_abs_diff"] > PARITY_BOUND or result["token_agreement"] < 1.0:
+                raise VerificationError(
+                    f"{opts.name} fp32 ({label}): logits differ from PyTorch by {result['max_abs_diff']:.3g} "
+                    f"(bound {PARITY_BOUND:g}); greedy tokens agree on {result['token_agreement']:.1%} (all wanted)"
+                )
+        fp32["max_abs_diff"] = max(fp32["batch1"]["max_abs_diff"], fp32["batch3"]["max_abs_diff"])
+        fp32["token_identical"] = True
+        quality["fp32"] = fp32
+        held_out = tokenizer.encode(HELD_OUT).ids[:128]
+        reference_ppl = perplexity_torch(model, held_out)
+        quality["fp32"]["perplexity"] = round(perplexity_onnx(served, held_out), 4)
+        logger.info("%s fp32: max abs diff %.3g over %d greedy tokens (batch 1 and 3), identical; perplexity %.3f "
+                    "(PyTorch %.3f)", opts.name, fp32["max_abs_diff"], new_tokens, quality["fp32"]["perplexity"],
+                    reference_ppl)
+        for variant in opts.variants:
+            served_variant = served_model(version_dir, config, files[variant])
+            agree = agreement(model, served_variant, prompt_ids[0], new_tokens)
+            ppl = perplexity_onnx(served_variant, held_out)
+            quality[variant] = {"token_agreement": round(agree, 4), "new_tokens": new_tokens,
+                                "perplexity": round(ppl, 4), "perplexity_ratio": round(ppl / reference_ppl, 4),
+                                "bound": {"token_agreement": MIN_AGREEMENT[variant],
+                                          "perplexity_ratio": MAX_PERPLEXITY_RATIO[variant]}}
+            logger.info("%s %s: greedy agreement %.1f%% over %d tokens, perplexity %.3f (PyTorch %.3f)", opts.name,
+                        variant, 100 * agree, new_tokens, ppl, reference_ppl)
+            if agree < MIN_AGREEMENT[variant] or ppl / reference_ppl > MAX_PERPLEXITY_RATIO[variant]:
+                raise VerificationError(
+                    f"{opts.name} {variant}: greedy agreement {agree:.1%} (at least {MIN_AGREEMENT[variant]:.0%}), "
+                    f"perplexity {ppl:.3f} against PyTorch's {reference_ppl:.3f} (ratio at most "
+                    f"{MAX_PERPLEXITY_RATIO[variant]})"
+                )
+        figures["verify_seconds"] = round(time.monotonic() - t0, 1)
+        config["provenance"] = provenance(opts.description or source, "none", opts.command)
+        config["quality"] = {"parity": quality, "eval": {"perplexity_torch": round(reference_ppl, 4),
+                                                         "tokens": len(held_out), "text": "built-in paragraph"}}
+        write_json(version_dir / "config.json", config)
+    figures.update(parity=quality, eval={}, seconds=round(time.monotonic() - started, 1), path=str(version_dir))
+    return figures

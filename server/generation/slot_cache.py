@@ -1,0 +1,121 @@
+"""A preallocated KV cache whose past and present share one buffer: the cache of GroupQueryAttention graphs.
+
+Graphs written by the onnxruntime-genai model builder (docs/model-repository.md, "shared-buffer decoders")
+take ``past_key_values.{i}.key|value`` of shape (batch, kv_heads, max_length, head_size) and write the new
+tokens' keys and values into the same memory, at each row's own length (the op reads a row's length from its
+attention mask). So the cache is allocated once, per layer, as (slots, kv_heads, max_length, head_size), and
+a sequence owns one slot (one row) from its prefill to its end:
+
+- a join writes only the new sequence's prefill, into a free slot; nothing else moves;
+- a leave frees the slot; nothing is copied or compacted;
+- a decode step binds the buffers from slot 0 to the highest slot in use, with idle slots in between fed a
+  dummy token under a one-token mask (their output is ignored). Free slots are handed out lowest first, so
+  holes fill with the next arrivals.
+
+The buffers are numpy arrays on the CPU, or ONNX Runtime ``OrtValue``s on the device with CUDA: either way
+ONNX Runtime is given a pointer into them (``IOBinding.bind_input/bind_output`` with a buffer address), so the
+cache never leaves the device. Untouched pages of a numpy buffer are not resident: a slot's memory is used
+as its sequence grows.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import Overloaded
+
+
+class SlotPool:
+    """The buffers and which slots are free."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        kv_heads: int,
+        max_length: int,
+        head_size: int,
+        dtype: type,
+        device: str = "cpu",
+    ) -> None:
+        self.slots = slots
+        self.max_length = max_length
+        self.row_shape = (kv_heads, max_length, head_size)
+        self.dtype = np.dtype(dtype)
+        self.device = device
+        shape = (slots, *self.row_shape)
+        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        if device == "cpu":
+            self._buffers = [np.zeros(shape, self.dtype) for _ in range(2 * num_layers)]
+            self._pointers = [b.ctypes.data for b in self._buffers]
+        else:  # UNVERIFIED without a GPU: device memory through ONNX Runtime's own allocator
+            self._buffers = [
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype.type, device, 0)
+                for _ in range(2 * num_layers)
+            ]
+            self._pointers = [b.data_ptr() for b in self._buffers]
+        self._free = list(range(slots))
+        heapq.heapify(self._free)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        if not self._free:
+            raise Overloaded("no free KV-cache slot")
+        return heapq.heappop(self._free)
+
+    def release(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            heapq.heappush(self._free, int(slot))
+
+    def reset(self) -> None:
+        """Every slot free again (after a failure dropped the running batch)."""
+        self._free = list(range(self.slots))
+        heapq.heapify(self._free)
+
+    def pointers(self, first_slot: int) -> list[int]:
+        """Addresses of row `first_slot` in every buffer: layer 0 key, layer 0 value, layer 1 key, ..."""
+        offset = first_slot * self.row_bytes
+        return [p + offset for p in self._pointers]
+
+    def host_rows(self, buffer: int, slot: int, length: int) -> np.ndarray:
+        """A copy of one slot's first `length` positions of buffer `buffer` (tests and debugging)."""
+        b = self._buffers[buffer]
+        rows = b[slot] if isinstance(b, np.ndarray) else b.numpy()[slot]
+        return np.array(rows[:, :length])
+
+
+class SlotCache:
+    """The running batch's view of the pool: row r of the batch is slot `slots[r]`, holding `lengths[r]`
+    tokens. Selecting rows frees the slots of the rows left out; nothing moves."""
+
+    __slots__ = ("lengths", "pool", "slots")
+
+    def __init__(self, pool: SlotPool, slots: Sequence[int], lengths: Sequence[int]) -> None:
+        self.pool = pool
+        self.slots = list(slots)
+        self.lengths = list(lengths)
+
+    @property
+    def batch(self) -> int:
+        return len(self.slots)
+
+    def select(self, rows: Sequence[int]) -> SlotCache:
+        kept = set(rows)
+        self.pool.release([s for r, s in enumerate(self.slots) if r not in kept])
+        return SlotCache(self.pool, [self.slots[r] for r in rows], [self.lengths[r] for r in rows])
+
+    def release(self) -> None:
+        """Frees every slot of this batch (it is being dropped)."""
+        self.pool.release(self.slots)
+        self.slots, self.lengths = [], []
+
+    @staticmethod
+    def join(a: SlotCache, b: SlotCache) -> SlotCache:
+        return SlotCache(a.pool, a.slots + b.slots, a.lengths + b.lengths)

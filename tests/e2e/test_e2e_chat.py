@@ -1,0 +1,118 @@
+"""Llama-family models end to end: the real server on tiny exported Llama and Qwen2 checkpoints (shared-buffer
+decoders), chat through their templates over gRPC, several end-of-sequence ids, and the client's chat."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from e2e_util import start
+
+from client import Client
+from client.cli import main as cli
+from client.proto import inference_pb2 as pb
+from client.proto import inference_pb2_grpc
+from server.process import ServerProcess
+
+CONVERSATION = [("user", "Hello, world! How are you today?")]  # llm_util.EOS_CONVERSATION
+
+
+@pytest.fixture(scope="module")
+def llm_srv(llm_repo: Path) -> Iterator[ServerProcess]:
+    with start(llm_repo) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(llm_srv: ServerProcess) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
+    with grpc.insecure_channel(llm_srv.target) as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+def checkpoint_facts(llm_checkpoints: dict[str, Path], arch: str) -> dict:
+    return json.loads((llm_checkpoints[arch] / "nlpserve-test.json").read_text())
+
+
+def chat_request(model: str, messages=CONVERSATION, **params) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(model=model, parameters=pb.GenerationParameters(**params))
+    for role, content in messages:
+        request.messages.add(role=role, content=content)
+    return request
+
+
+@pytest.mark.parametrize("model,arch", [("tinyllama", "llama"), ("tinyqwen", "qwen2")])
+def test_chat_stops_at_the_second_end_of_sequence_id(stub, llm_checkpoints, model: str, arch: str) -> None:
+    facts = checkpoint_facts(llm_checkpoints, arch)
+    reply = stub.Generate(chat_request(model, max_new_tokens=20))
+    assert reply.finish_reason == pb.FINISH_REASON_EOS
+    # PyTorch's greedy answer through transformers' own template, up to and with its second EOS id.
+    assert list(reply.token_ids) == facts["answer_ids"]
+    assert reply.token_ids[-1] == facts["eos_ids"][1]
+    assert reply.usage.prompt_tokens == len(facts["prompt_ids"])
+
+
+def test_chat_stream_equals_unary(stub) -> None:
+    unary = stub.Generate(chat_request("tinyllama", max_new_tokens=20))
+    chunks = list(stub.GenerateStream(chat_request("tinyllama", max_new_tokens=20)))
+    assert "".join(c.text for c in chunks) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_EOS
+
+
+def test_prompt_generation_and_model_info(stub) -> None:
+    reply = stub.Generate(pb.GenerateRequest(model="tinyqwen", prompt="The quick brown fox",
+                                             parameters=pb.GenerationParameters(max_new_tokens=5)))
+    assert reply.usage.generated_tokens >= 1
+    info = stub.GetModel(pb.GetModelRequest(name="tinyllama"))
+    assert info.chat and info.architecture == "llama"
+    assert info.kind == pb.MODEL_KIND_GENERATOR and info.limits.max_sequence_length == 256
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (pb.GenerateRequest(model="tinyllama", prompt="x", messages=[pb.ChatMessage(role="user", content="y")]),
+         "messages"),
+        (pb.GenerateRequest(model="tinyllama"), "prompt"),
+    ],
+)
+def test_bad_chat_requests_name_the_field(stub, request_, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request_)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in info.value.details()
+
+
+def test_client_chat_and_cli(llm_srv: ServerProcess, llm_checkpoints) -> None:
+    facts = checkpoint_facts(llm_checkpoints, "llama")
+    with Client(llm_srv.target) as client:
+        answer = client.chat([{"role": "user", "content": CONVERSATION[0][1]}], model="tinyllama", max_new_tokens=20)
+        streamed = "".join(c.text for c in client.chat_stream(CONVERSATION, model="tinyllama", max_new_tokens=20))
+    assert list(answer.token_ids) == facts["answer_ids"] and streamed == answer.text
+    out, err = io.StringIO(), io.StringIO()
+    code = cli(["--target", llm_srv.target, "chat", "--model", "tinyllama", CONVERSATION[0][1],
+                "--max-new-tokens", "20"], stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    assert out.getvalue() == answer.text + "\n"
+
+
+def test_cli_interactive_chat_keeps_the_conversation(llm_srv: ServerProcess) -> None:
+    with Client(llm_srv.target) as client:
+        first = client.chat([("user", "Hello")], model="tinyllama", max_new_tokens=8).text
+        second = client.chat([("user", "Hello"), ("assistant", first), ("user", "And you?")], model="tinyllama",
+                             max_new_tokens=8).text
+    out, err = io.StringIO(), io.StringIO()
+    code = cli(["--target", llm_srv.target, "chat", "-i", "--model", "tinyllama", "--max-new-tokens", "8"],
+               stdout=out, stderr=err, stdin=io.StringIO("Hello\n\nAnd you?\n"))
+    assert code == 0, err.getvalue()
+    assert out.getvalue() == f"{first}\n{second}\n"
+
+
+def test_cli_chat_without_message_is_a_usage_error(llm_srv: ServerProcess) -> None:
+    err = io.StringIO()
+    assert cli(["--target", llm_srv.target, "chat", "--model", "tinyllama"], stdout=io.StringIO(), stderr=err) == 2
+    assert "MESSAGE" in err.getvalue()

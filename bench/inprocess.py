@@ -1,6 +1,7 @@
 """The in-process baselines, no server in between: the ONNX Runtime classification loop (tokenize, run,
-softmax), the ONNX Runtime KV-cache decode loop, and the plain PyTorch loop that recomputes the whole sequence
-for every new token. They read the same model repository the server serves."""
+softmax), the ONNX Runtime KV-cache decode loop, the plain PyTorch loop that recomputes the whole sequence
+for every new token, and onnxruntime-genai's own generator loop (Llama-family builder exports). They read the
+same model repository the server serves."""
 
 from __future__ import annotations
 
@@ -327,6 +328,116 @@ def measure_torch_no_cache(
         "parameters": baseline.parameters,
         "window_s": round(sum(totals), 3),
         "tokens_per_s": round(max_new_tokens * len(totals) / sum(totals), 2),
+        "ttft_ms": latency_summary(firsts),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+# ----------------------------------------------------------------------------------- onnxruntime-genai
+
+
+def genai_folder(model: ModelFiles, variant: str, threads: int, work: Path) -> Path:
+    """A folder onnxruntime-genai can load for `variant` of `model`: links to the version folder's files and a
+    genai_config.json that names the variant's file (the exported one names the fp32 file) and sets the
+    session as the server sets its own (server/runtime.py): the same intra-op threads, no spinning, all graph
+    optimizations. Its search settings are left as exported; the loop sets what it needs."""
+    source = model.folder / "genai_config.json"
+    if not source.is_file():
+        raise FileNotFoundError(f"{model.folder}: no genai_config.json (not an onnxruntime-genai builder export)")
+    folder = work / f"genai-{model.name}-{variant}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in model.folder.iterdir():
+        link = folder / path.name
+        if path.name != "genai_config.json" and not link.exists():
+            link.symlink_to(path.resolve())
+    config = json.loads(source.read_text())
+    decoder = config["model"]["decoder"]
+    decoder["filename"] = model.onnx_path(variant).name
+    options = decoder.setdefault("session_options", {})
+    if threads:
+        options["intra_op_num_threads"] = threads
+    options["inter_op_num_threads"] = 1
+    options["graph_optimization_level"] = "ORT_ENABLE_ALL"
+    # a key onnxruntime-genai does not know is passed to the session as a config entry
+    options["session.intra_op.allow_spinning"] = "0"
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+class GenaiLoop:
+    """onnxruntime-genai's own generator loop on a model folder: `og.Model`, then per batch `GeneratorParams`
+    (greedy, `batch_size`, `max_length` = prompt + new tokens), `og.Generator`, `append_tokens` (the prefill) and
+    `generate_next_token` with `get_next_tokens` until done: what its examples do.
+
+    A batch's prompts must have one length: onnxruntime-genai 0.18 on the CPU computes a padded row of a
+    GroupQueryAttention model wrongly (left or right padding: its logits differ from those of the same prompt
+    alone), so a static batch is only exact without padding."""
+
+    def __init__(self, folder: Path, eos_ids: Sequence[int]) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.folder = folder
+        self.model = og.Model(str(folder))
+        self.eos_ids = np.array(sorted(eos_ids), dtype=np.int64)
+
+    def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[float, float, int]:
+        """Generates up to `max_new_tokens` for every prompt; returns (seconds to the first token, seconds in all,
+        tokens generated: each row's up to and including its end-of-sequence token, as the server counts)."""
+        length = len(prompts[0])
+        if any(len(p) != length for p in prompts):
+            raise ValueError("onnxruntime-genai static batch: prompts of different lengths (padding is not exact)")
+        og = self.og
+        t0 = clock()
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, batch_size=len(prompts), max_length=length + max_new_tokens)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(np.asarray(prompts, dtype=np.int32))
+        first = 0.0
+        running = np.ones(len(prompts), dtype=bool)
+        tokens = 0
+        for step in range(max_new_tokens):
+            if generator.is_done():
+                break
+            generator.generate_next_token()
+            new = np.asarray(generator.get_next_tokens())
+            if step == 0:
+                first = clock() - t0
+            tokens += int(running.sum())
+            running &= ~np.isin(new, self.eos_ids)
+        return first, clock() - t0, tokens
+
+
+def measure_genai(
+    loop: GenaiLoop, prompts: Sequence[Sequence[int]], batch_size: int, max_new_tokens: int, duration_s: float
+) -> dict[str, Any]:
+    """Aggregate tokens/s of the onnxruntime-genai loop at a static `batch_size` (successive batches of
+    `prompts`, for `duration_s` and at least once, after a two-token warm-up): generated tokens over the wall
+    time of the runs, prefill included; time to the first token is the batch's."""
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts) - batch_size + 1, batch_size)]
+    if not batches:
+        raise ValueError(f"{len(prompts)} prompts: not enough for a batch of {batch_size}")
+    loop(batches[0], 2)
+    firsts: list[float] = []
+    totals: list[float] = []
+    tokens = 0
+    start = clock()
+    k = 0
+    while not totals or clock() - start < duration_s:
+        first, total, generated = loop(batches[k % len(batches)], max_new_tokens)
+        k += 1
+        firsts.append(first)
+        totals.append(total)
+        tokens += generated
+    runs = len(totals)
+    return {
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "runs": runs,
+        "window_s": round(sum(totals), 3),
+        "tokens_per_s": round(tokens / sum(totals), 2),
+        "per_stream_tokens_per_s": round(tokens / batch_size / sum(totals), 2),
+        "mean_generated_tokens": round(tokens / (runs * batch_size), 2),
         "ttft_ms": latency_summary(firsts),
         "load_average": round(os.getloadavg()[0], 2),
     }

@@ -1,5 +1,6 @@
 """The load generator: asyncio gRPC on the raw stubs (the least client overhead), closed-loop concurrency and
-open-loop constant rates against a running server, with the server's own figures read from /metrics.
+open-loop constant rates against a running server, with the server's own figures read from /metrics; and chat
+streams through the project's own `AsyncClient` (`chat_closed_loop`, the Llama-family comparison).
 
 Each measurement has a warm-up that is not counted, then a window that lasts at least `duration_s` and until at
 least `min_requests` requests completed in it (at most `max_duration_s`). Throughput counts what completed
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 import urllib.request
 from collections import Counter
@@ -23,6 +25,8 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.stats import latency_summary
+from client.aio import AsyncClient
+from client.errors import ServerError
 from client.proto import inference_pb2 as pb
 from client.proto import inference_pb2_grpc as pb_grpc
 
@@ -381,6 +385,62 @@ async def generate_closed_loop(
     await wait_idle(metrics_url, model)
     assert state.start is not None and state.end is not None
     return _generation_point(streams, state, done, before, after, model) | cpu
+
+
+async def chat_closed_loop(
+    target: str,
+    model: str,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    streams: int,
+    max_new_tokens: int,
+    window: Window,
+    arrival_s: float = 0.0,
+    metrics_url: str | None = None,
+    server_pid: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`streams` clients of the project's own `AsyncClient` (what a user's program runs, not the raw stubs),
+    each starting at a random time within the first `arrival_s` seconds, then sending its next conversation
+    (`chat_stream`: the server applies the model's chat template) as soon as the previous one ended; greedy,
+    `max_new_tokens` each. The figures are those of `generate_closed_loop`; `mean_generated_tokens` says how
+    many tokens the streams that ended in the window generated (fewer than asked when the model ended a
+    sequence on its end-of-sequence token)."""
+    state = _Measuring()
+    done: list[_Stream] = []
+    rng = random.Random(seed)
+    starts = [rng.uniform(0.0, arrival_s) if streams > 1 else 0.0 for _ in range(streams)]
+    async with AsyncClient(target, options=CHANNEL_OPTIONS) as chat:
+        await chat.health()  # connected before the first stream is timed
+
+        async def client(index: int) -> None:
+            await asyncio.sleep(starts[index])
+            k = index
+            while not state.stop:
+                messages = conversations[k % len(conversations)]
+                k += streams
+                record = _Stream(sent=clock())
+                done.append(record)
+                try:
+                    async for chunk in chat.chat_stream(messages, model=model, max_new_tokens=max_new_tokens):
+                        if chunk.token_ids:
+                            record.arrivals.append(clock())
+                            record.tokens.append(len(chunk.token_ids))
+                        if chunk.timings is not None:
+                            record.server_ttft = chunk.timings.time_to_first_token_seconds
+                except ServerError as e:
+                    record.code = e.code.name
+                record.done = clock()
+                if state.inside(record.done):
+                    state.completed += 1
+
+        clients = [asyncio.create_task(client(i)) for i in range(streams)]
+        before, after, cpu = await _run_window(state, window, metrics_url, server_pid)
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+    await wait_idle(metrics_url, model)
+    point = _generation_point(streams, state, done, before, after, model) | cpu
+    return point | {"arrival_s": arrival_s, "max_new_tokens": max_new_tokens}
 
 
 def _generation_point(

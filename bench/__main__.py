@@ -1,4 +1,4 @@
-"""`python -m bench {classify,generate,baseline,all} [--quick]`: runs the benchmarks, writes
+"""`python -m bench {classify,generate,baseline,llm,all} [--quick]`: runs the benchmarks, writes
 `bench/results/<date>-<machine>.json` (every raw figure), a Markdown table and PNG plots, and prints the
 ratios last."""
 
@@ -23,6 +23,12 @@ NOISE_NOTE = (
     "comparison therefore runs both sides in the same run, in alternating rounds, and reports the median "
     "per-round ratio. The 1-minute load average is recorded with every point."
 )
+LLM_NOTE = (
+    "Llama-family comparison: the server is driven through the project's AsyncClient (chat_stream), the "
+    "onnxruntime-genai loop runs in the bench process on pre-tokenized prompts (the same tokens the server's "
+    "chat template gives) with the server's session settings; all prompts have one token length, as "
+    "onnxruntime-genai 0.18 computes padded rows of a static batch wrongly on the CPU."
+)
 CLIENT_NOTE = (
     "The load generator (Python, asyncio gRPC) runs on the same CPUs as the server and takes part of them; the "
     "in-process baselines pay no such cost."
@@ -35,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the quick plan on the tiny demo models (under 5 minutes on 2 cores)")
     common.add_argument("--models", type=Path,
                         help="the demo model repository (default: models/ when built, else built into .cache/; with --quick, "
-                        "the quick models built into .cache/)")
+                        "the quick models built into .cache/); with `llm`, the repository holding the Llama-family "
+                        "model (default: models/)")
+    common.add_argument("--llm-models", type=Path,
+                        help="`all`: the repository holding the Llama-family model (default: models/); skipped when "
+                        "the model is absent")
+    common.add_argument("--llm-model", default="smollm2", help="the Llama-family model's name (default smollm2)")
     common.add_argument("--sizes", choices=["demo", "sized", "both"],
                         help="full plan: the demo models, the BERT-base/GPT-2-small-sized ones, or both (default)")
     common.add_argument("--data", type=Path, help="shared data folder (default: ../shared/data when present)")
@@ -56,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("classify", "classification: in-process limit, concurrency sweep, batching comparisons, open loop"),
         ("generate", "generation: continuous batching against one active sequence and the in-process decode loop"),
         ("baseline", "the in-process baselines only (no server)"),
+        ("llm", ("a Llama-family decoder (onnxruntime-genai builder export, fp32 and int4) through the server "
+                 "against onnxruntime-genai's own generator loop on the same file")),
         ("all", "everything, then the py-spy profiles"),
     ):
         commands.add_parser(name, parents=[common], help=text, description=text)
@@ -78,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     # every parallel region wait a time slice (measured here: 50x slower). ONNX Runtime is run without spinning
     # too, as the server runs it. Set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from bench.llm import ModelAbsent
+
     try:
         results = rewrite(args.results) if args.command == "report" else run(args)
+    except ModelAbsent as e:
+        print(f"bench: llm skipped: {e}", file=sys.stderr)
+        return 0
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         logger.debug("failed", exc_info=True)
         print(f"bench: error: {e}", file=sys.stderr)
@@ -90,14 +108,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # Heavy imports after logging is set up (and after --help, which needs none of them).
-    from bench import machine, models, report, suite
+    from bench import llm, machine, models, report, suite
     from bench.data import load_texts, long_texts
 
     started = time.perf_counter()
     info = machine.machine_info()
     plan = suite.QUICK if args.quick else suite.GPU if args.device == "cuda" else suite.FULL
+    llm_plan = llm.LLM_QUICK if args.quick else llm.LLM_FULL
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=args.rounds)
+        llm_plan = dataclasses.replace(llm_plan, rounds=args.rounds)
+    # The Llama-family model: found (or reported absent) before anything is measured.
+    llm_repository = (args.models if args.command == "llm" else args.llm_models) or llm.DEFAULT_REPOSITORY
+    skipped: list[str] = []
+    if args.command == "llm":
+        llm.find_model(llm_repository, args.llm_model)  # ModelAbsent: the command is skipped
+    elif args.command == "all":
+        try:
+            llm.find_model(llm_repository, args.llm_model)
+        except llm.ModelAbsent as e:
+            skipped.append(f"llm skipped: {e}")
+            logger.warning("%s", skipped[-1])
     texts = load_texts(args.data)
     if plan is suite.GPU:
         texts = dataclasses.replace(texts, sentences=long_texts(texts.sentences),
@@ -107,7 +138,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # (repository, classifier, generator) per model size
     sets: list[tuple[Path, str, str]] = []
-    if args.quick:
+    if args.command == "llm":
+        pass
+    elif args.quick:
         repo = args.models or models.quick_repository(args.rebuild_models)
         sets.append((repo, "sentiment", "docgpt"))
     else:
@@ -123,7 +156,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     notes = [NOISE_NOTE]
     if args.command != "baseline":
         notes.append(CLIENT_NOTE)
-    if not info["gpus"]:
+    if args.command in ("llm", "all") and not skipped:
+        notes.append(LLM_NOTE)
+    notes += skipped
+    if not info["gpus"] and args.command != "llm":
         notes.append(
             "No GPU was at hand for this run: the GPU benchmarks (CUDA provider, fp32 and fp16; BERT-base at "
             "sequence length 128, batch 1/8/32; GPT-2-small at 1/16/64 streams) were not run."
@@ -134,10 +170,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m bench " + " ".join(args.argv),
         "machine": info,
         "machine_slug": machine.machine_slug(info),
-        "plan": suite.plan_dict(plan),
+        "plan": dataclasses.asdict(llm_plan) if args.command == "llm" else suite.plan_dict(plan),
         "settings": {"device": args.device, "variant": args.variant, "intra_op_threads": threads,
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-        "texts": texts.source,
+        "texts": "the llm plan's built-in instructions" if args.command == "llm" else texts.source,
         "notes": notes,
     }
     try:
@@ -145,8 +181,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["baselines"] = {}
             for repo, clf, gen in sets:
                 results["baselines"] |= suite.bench_baselines(ctx, repo, clf, None if args.no_torch else gen)
-        # The profiles (command `all`) are taken on every model's servers, after their measurements.
-        profile = args.command == "all" and not args.no_profile
+        # The profiles (commands `all` and `llm`) are taken on every model's servers, after their measurements.
+        profile = args.command in ("all", "llm") and not args.no_profile
         profiles = {}
         if args.command in ("classify", "all"):
             results["classification"] = {}
@@ -161,6 +197,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     ctx, repo, gen, with_torch=not args.no_torch, profile=profile)
                 if "profile" in results["generation"][gen]:
                     profiles[f"generate, {gen}"] = results["generation"][gen].pop("profile")
+        if args.command == "llm" or (args.command == "all" and not skipped):
+            results["llm"] = {args.llm_model: llm.bench_llm(ctx, llm_plan, llm_repository, args.llm_model, profile=profile)}
+            for variant, v in results["llm"][args.llm_model]["variants"].items():
+                if "profile" in v:
+                    profiles[f"llm, {args.llm_model} {variant}"] = v.pop("profile")
         if profiles:
             results["profiles"] = profiles
     finally:
@@ -196,6 +237,9 @@ def print_ratios(results: dict[str, Any]) -> None:
     """The summary on stdout: where the files went, then the ratios (last, so that they are what one sees)."""
     print(f"results: {results['paths']['json']} (+ .md, {len(results['paths']) - 2} plots); "
           f"{results.get('elapsed_s', 0):.0f} s")
+    for note in results.get("notes", []):
+        if note.startswith("llm skipped"):
+            print(note)
     for comparison in results.get("comparisons", []):
         target = ""
         if comparison["target"] is not None:

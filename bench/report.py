@@ -100,6 +100,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _generation_md(name, g)
     for name, b in results.get("baselines", {}).items():
         lines += _baselines_md(name, b)
+    for name, m in results.get("llm", {}).items():
+        lines += _llm_md(name, m)
     if results.get("profiles"):
         lines += _profiles_md(results["profiles"])
     for kind, file in results.get("plots", {}).items():
@@ -189,6 +191,36 @@ def _generation_md(name: str, g: dict[str, Any]) -> list[str]:
         t = g["torch_no_cache"]
         lines += [(f"PyTorch without KV cache, one request at a time: {_f(t['tokens_per_s'])} tokens/s, "
                   f"TTFT p50 {_f(t['ttft_ms']['p50'])} ms."), ""]
+    return lines
+
+
+def _llm_md(name: str, m: dict[str, Any]) -> list[str]:
+    model = m["model"]
+    lines = [(f"## Llama-family decoder: {name} ({model.get('model_type')}, {model.get('num_layers')} layers, hidden "
+              f"{model.get('hidden_size')}), server against onnxruntime-genai, {m.get('max_new_tokens')} new tokens, "
+              "greedy"), "",
+             (f"Prompts: {m['prompts']['source']}. Medians of the rounds. Server: 1 stream, or N streams starting at "
+              "random times within the first second, closed loop for a fixed window (tokens that arrived in it; "
+              "TTFT as the client sees it). onnxruntime-genai: its generator loop at batch 1 or a static batch "
+              "of N (generated tokens over the runs' wall time, prefill included; TTFT: the batch's first token). "
+              "CPU: share of one CPU used by the server and by the load generator."), ""]
+    rows = []
+    for variant, v in m.get("variants", {}).items():
+        for side, points in v.get("summary", {}).items():
+            for streams, p in points.items():
+                server = side == "server"
+                rows.append([f"{variant} ({v['file']}, {_f(v['megabytes'])} MB)", streams,
+                             f"server, {streams} streams" if server else f"onnxruntime-genai, batch {streams}",
+                             p["tokens_per_s"], p["ttft_ms"]["p50"], p["ttft_ms"]["p99"],
+                             p.get("server_ttft_ms", {}).get("p50") if server else "-",
+                             p["itl_ms"]["p50"] if server else "-", p["per_stream_tokens_per_s"],
+                             p.get("mean_generated_tokens"), p.get("mean_batch_size") if server else int(streams),
+                             p.get("server_cpu_percent") if server else "-",
+                             p.get("client_cpu_percent") if server else "-"])
+    rows.sort(key=lambda row: (row[0], int(row[1])))
+    lines += _table(["variant", "streams", "side", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "server TTFT p50 ms",
+                     "ITL p50 ms", "per-stream tokens/s", "tokens/request", "mean batch", "server CPU %",
+                     "client CPU %"], rows)
     return lines
 
 
@@ -319,6 +351,23 @@ def write_plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, 
             ax.legend(fontsize=8)
         fig.suptitle(subtitle, fontsize=9)
         save(fig, "generate-tokens")
+
+    llm = {k: m for k, m in results.get("llm", {}).items() if m.get("variants")}
+    if llm:
+        fig, axes = plt.subplots(1, len(llm), figsize=(6.5 * len(llm), 4), squeeze=False)
+        for ax, (name, m) in zip(axes[0], llm.items()):
+            groups = [(variant, streams) for variant, v in m["variants"].items() for streams in v["summary"]["server"]]
+            xs = range(len(groups))
+            for offset, side, text in ((-0.2, "server", "server (gRPC, AsyncClient)"),
+                                       (0.2, "genai", "onnxruntime-genai loop (static batch)")):
+                ax.bar([x + offset for x in xs], [m["variants"][v]["summary"][side][s]["tokens_per_s"] for v, s in groups],
+                       width=0.4, label=text)
+            ax.set_xticks(list(xs), [f"{v}\n{s} stream{'s' if s != '1' else ''}" for v, s in groups])
+            ax.set_ylabel("generated tokens/s (all streams)")
+            ax.set_title(f"Llama-family decoder: {name}")
+            ax.legend(fontsize=8)
+        fig.suptitle(subtitle, fontsize=9)
+        save(fig, "llm-tokens")
 
     served = {k: g for k, g in generation.items() if g["summary"].get("continuous")}
     if served:

@@ -266,6 +266,8 @@ def _model_details(m: ModelInfo) -> str:
             f"max_new_tokens {lim.max_new_tokens} (default {lim.default_max_new_tokens})",
             f"{b.max_active_sequences} sequences ({b.policy})",
         ]
+        if m.chat:
+            parts.append("chat")
     else:
         parts = []
     return "; ".join(parts)

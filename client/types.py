@@ -396,6 +396,8 @@ class ModelInfo(_Result):
         variant: The model file variant in use ("fp32", "fp16", "int8"...).
         embedding_size: Classifiers: size of the pooled embedding (0 when the model has none).
         ready: True once the model is loaded and warmed up.
+        chat: Generators: the model has a chat template (`Client.chat` works).
+        architecture: The network's transformers model_type, e.g. "bert", "gpt2", "llama".
     """
 
     name: str
@@ -408,6 +410,8 @@ class ModelInfo(_Result):
     variant: str = ""
     embedding_size: int = 0
     ready: bool = False
+    chat: bool = False
+    architecture: str = ""
 
     @classmethod
     def from_pb(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -423,4 +427,6 @@ class ModelInfo(_Result):
             variant=msg.variant,
             embedding_size=msg.embedding_size,
             ready=msg.ready,
+            chat=msg.chat,
+            architecture=msg.architecture,
         )

@@ -32,6 +32,10 @@ SUPPORTED = ("llama", "qwen2", "mistral")
 FORMAT_VERSION = 2
 VARIANT_FILES = {"fp32": "model.onnx", "int4": "model.int4.onnx", "fp16": "model.fp16.onnx"}
 PRECISIONS = {"fp32": "fp32", "int4": "int4", "fp16": "fp16"}
+# The builder's target per variant: for the CPU it writes fp16 with MultiHeadAttention and position ids (not
+# the shared-buffer contract); for CUDA with GroupQueryAttention, which ONNX Runtime's CPU provider also runs,
+# so the fp16 variant is verified here even though it is meant for GPUs.
+TARGETS = {"fp32": "cpu", "int4": "cpu", "fp16": "cuda"}
 # fp32 against PyTorch fp32: logits at every step, and every greedy token.
 PARITY_BOUND = 1e-4
 # Weight-only int4 and fp16 change the numbers by design: their gate is greedy agreement with PyTorch (its own
@@ -165,7 +169,7 @@ def run_builder(checkpoint: Path, out: Path, precision: str, filename: str, work
     log_path = work / f"builder-{precision}.log"
     command = [
         sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
-        "-p", PRECISIONS[precision], "-e", "cpu", "-c", str(work / "cache"),
+        "-p", PRECISIONS[precision], "-e", TARGETS[precision], "-c", str(work / "cache"),
         # The language-model head runs on the last position only during a prefill (the server reads no other).
         "--extra_options", "prune_lm_head=true", f"filename={filename}",
     ]

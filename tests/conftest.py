@@ -47,11 +47,11 @@ def llm_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 @pytest.fixture(scope="session")
 def llm_repo(llm_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository of the tiny checkpoints exported by the project's exporter: `tinyllama` (with its int4
-    variant) and `tinyqwen`, both shared-buffer decoders (format version 2)."""
+    variant) and `tinyqwen` (with its fp16 variant), both shared-buffer decoders (format version 2)."""
     from llm_util import run_export
 
     out = tmp_path_factory.mktemp("llm-repo") / "models"
-    for name, arch, extra in (("tinyllama", "llama", ["--int4"]), ("tinyqwen", "qwen2", [])):
+    for name, arch, extra in (("tinyllama", "llama", ["--int4"]), ("tinyqwen", "qwen2", ["--fp16"])):
         result = run_export("generator", "--import", str(llm_checkpoints[arch]), "--out", str(out / name), *extra)
         assert result.returncode == 0, f"export of {name} failed:\n{result.stdout}\n{result.stderr[-3000:]}"
     return out

@@ -166,3 +166,55 @@ def test_cli_refuses_a_missing_data_folder_in_one_line(tmp_path: Path, capsys: p
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"bench: error: --data {tmp_path / 'missing'}: no such folder"
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_llm_comparison_plumbing(llm_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The Llama-family comparison on the tiny shared-buffer decoder: both variants, the real server through the
+    project's client and onnxruntime-genai's loop, the ratios and the results writer; a missing model is a
+    skip, not a failure."""
+    from bench import llm
+    from bench.__main__ import main
+
+    plan = llm.LlmPlan(
+        name="test", rounds=1, variants=("fp32", "int4"), streams=(1, 2), max_new_tokens=4, arrival_s=0.2,
+        single_window=llm._fixed(0.1, 0.3), batch_window=llm._fixed(0.3, 0.5), profile_seconds=0.0,
+    )
+    model = llm.find_model(llm_repo, "tinyllama")
+    prompts = llm.chat_prompts(model, 2)
+    assert len(prompts.conversations) == len(prompts.token_ids) >= 2
+    assert {len(ids) for ids in prompts.token_ids} == {prompts.length}  # a static batch needs one length
+
+    folder = inprocess.genai_folder(model, "int4", 1, tmp_path / "work")
+    genai_config = json.loads((folder / "genai_config.json").read_text())
+    assert genai_config["model"]["decoder"]["filename"] == "model.int4.onnx"
+    assert (folder / "model.int4.onnx").resolve() == (model.folder / "model.int4.onnx").resolve()
+
+    ctx = suite.Context(plan=suite.QUICK, texts=TEXTS, threads=1, work=tmp_path / "work")
+    try:
+        result = llm.bench_llm(ctx, plan, llm_repo, "tinyllama")
+    finally:
+        ctx.runner.close()
+    assert set(result["variants"]) == {"fp32", "int4"}
+    for variant in result["variants"].values():
+        for side in ("server", "genai"):
+            for streams in ("1", "2"):
+                point = variant["summary"][side][streams]
+                assert point["tokens_per_s"] > 0 and point["ttft_ms"]["count"] >= 1
+        assert variant["summary"]["server"]["2"]["codes"].get("OK", 0) >= 1
+        assert variant["summary"]["genai"]["2"]["batch_size"] == 2
+    ids = {c["id"] for c in ctx.comparisons}
+    assert "llm/tinyllama/int4/server-vs-genai/s2/tokens" in ids and len(ids) == 8
+
+    info = machine_info()
+    results = {"created": "2026-01-01T00:00:00+00:00", "machine": info, "machine_slug": machine_slug(info),
+               "plan": {"name": "test", "rounds": 1}, "comparisons": ctx.comparisons, "llm": {"tinyllama": result}}
+    paths = report.write_results(results, tmp_path / "out", "test-llm")
+    text = paths["md"].read_text()
+    assert "onnxruntime-genai, batch 2" in text and "int4 (model.int4.onnx" in text
+    assert paths["llm-tokens"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with pytest.raises(llm.ModelAbsent, match="no model 'tinyllama'"):
+        llm.find_model(tmp_path, "tinyllama")
+    assert main(["llm", "--models", str(tmp_path / "empty"), "--out", str(tmp_path / "skipped")]) == 0
+    assert capsys.readouterr().err.strip().startswith("bench: llm skipped: no model 'smollm2'")
+    assert not (tmp_path / "skipped").exists()

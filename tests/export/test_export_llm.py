@@ -43,14 +43,18 @@ def test_exported_folder_follows_the_version_2_contract(llm_repo: Path, llm_chec
     assert [o.name for o in graph.output] == config["onnx"]["outputs"]
 
 
-def test_int4_variant_is_verified_and_recorded(llm_repo: Path) -> None:
-    config = config_of(llm_repo / "tinyllama")
-    assert config["onnx"]["variants"]["int4"] == "model.int4.onnx"
-    int4 = config["quality"]["parity"]["int4"]
-    assert int4["token_agreement"] >= int4["bound"]["token_agreement"]
-    assert int4["perplexity_ratio"] <= int4["bound"]["perplexity_ratio"]
-    graph = onnx.load(str(llm_repo / "tinyllama" / "1" / "model.int4.onnx"), load_external_data=False).graph
-    assert "MatMulNBits" in {node.op_type for node in graph.node}
+@pytest.mark.parametrize("name,variant,op", [("tinyllama", "int4", "MatMulNBits"),
+                                             ("tinyqwen", "fp16", "GroupQueryAttention")])
+def test_variant_is_verified_and_recorded(llm_repo: Path, name: str, variant: str, op: str) -> None:
+    config = config_of(llm_repo / name)
+    assert config["onnx"]["variants"][variant] == f"model.{variant}.onnx"
+    figures = config["quality"]["parity"][variant]
+    assert figures["token_agreement"] >= figures["bound"]["token_agreement"]
+    assert figures["perplexity_ratio"] <= figures["bound"]["perplexity_ratio"]
+    graph = onnx.load(str(llm_repo / name / "1" / f"model.{variant}.onnx"), load_external_data=False).graph
+    assert op in {node.op_type for node in graph.node}
+    if variant == "fp16":  # the cache is float16 too: the server's slot buffers take the graph's type
+        assert graph.input[-1].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
 def test_gguf_file_is_imported(llm_checkpoints, tmp_path: Path) -> None:

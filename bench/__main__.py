@@ -122,9 +122,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llm_repository = (args.models if args.command == "llm" else args.llm_models) or llm.DEFAULT_REPOSITORY
     skipped: list[str] = []
     if args.command == "llm":
+        if args.device != "cpu":
+            raise ValueError(f"llm: {llm.CPU_ONLY}")
         llm.find_model(llm_repository, args.llm_model)  # ModelAbsent: the command is skipped
     elif args.command == "all":
         try:
+            if args.device != "cpu":
+                raise llm.ModelAbsent(llm.CPU_ONLY)
             llm.find_model(llm_repository, args.llm_model)
         except llm.ModelAbsent as e:
             skipped.append(f"llm skipped: {e}")
@@ -171,8 +175,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": info,
         "machine_slug": machine.machine_slug(info),
         "plan": dataclasses.asdict(llm_plan) if args.command == "llm" else suite.plan_dict(plan),
-        "settings": {"device": args.device, "variant": args.variant, "intra_op_threads": threads,
-                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+        "settings": {"device": args.device,
+                     **({"variants": list(llm_plan.variants)} if args.command == "llm" else {"variant": args.variant}),
+                     "intra_op_threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "texts": "the llm plan's built-in instructions" if args.command == "llm" else texts.source,
         "notes": notes,
     }

@@ -335,19 +335,20 @@ def _is_transport_failure(details: str) -> bool:
 # Commands
 
 
-def default_model(client: Client, kind: ModelKind) -> str:
-    """The server's only model of this kind.
+def default_model(client: Client, kind: ModelKind, chat: bool = False) -> str:
+    """The server's only model of this kind (`chat`: the only generator with a chat template).
 
     Raises:
         CommandFailed: The server hosts none.
         UsageError: The server hosts several (then `--model` must choose).
     """
-    names = sorted(m.name for m in client.list_models() if m.kind == kind)
+    names = sorted(m.name for m in client.list_models() if m.kind == kind and (m.chat or not chat))
+    what = "chat model" if chat else kind.value
     if len(names) == 1:
         return names[0]
     if not names:
-        raise CommandFailed(f"the server at {client.target} hosts no {kind.value}")
-    raise UsageError(f"the server hosts several {kind.value}s ({', '.join(names)}): choose one with --model")
+        raise CommandFailed(f"the server at {client.target} hosts no {what}")
+    raise UsageError(f"the server hosts several {what}s ({', '.join(names)}): choose one with --model")
 
 
 def _read_lines(stdin: TextIO) -> list[str]:
@@ -392,9 +393,9 @@ def run_classify(client: Client, args: argparse.Namespace, out: TextIO, stdin: T
     return EXIT_OK
 
 
-def _sampling(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+def _sampling(client: Client, args: argparse.Namespace, chat: bool = False) -> dict[str, Any]:
     return {
-        "model": args.model or default_model(client, ModelKind.GENERATOR),
+        "model": args.model or default_model(client, ModelKind.GENERATOR, chat),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -419,7 +420,7 @@ def run_generate(client: Client, args: argparse.Namespace, out: TextIO, err: Tex
 def run_chat(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
     if args.interactive == (args.message is not None):
         raise UsageError("give a MESSAGE, or --interactive to read the conversation from stdin")
-    kwargs = _sampling(client, args)
+    kwargs = _sampling(client, args, chat=True)
     messages: list[tuple[str, str]] = [("system", args.system)] if args.system else []
     turns = (line.rstrip("\r\n") for line in stdin) if args.interactive else iter(
         [stdin.read() if args.message == "-" else args.message]

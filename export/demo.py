@@ -83,7 +83,7 @@ def classifier_options(quick: bool, variants: tuple[str, ...], command: list[str
     if quick:
         return ClassifierOptions(
             name=CLASSIFIER_NAME, data=data, data_description=data.source, scratch=True, vocab_size=800, layers=2, heads=2, hidden=32,
-            max_length=64, steps=30, batch_size=16, learning_rate=3e-3, pooling=Pooling.CLS, variants=variants,
+            max_length=64, steps=120, batch_size=16, learning_rate=3e-3, pooling=Pooling.CLS, variants=variants,
             command=command,
         )
     return ClassifierOptions(

@@ -169,14 +169,14 @@ def test_cli_refuses_a_missing_data_folder_in_one_line(tmp_path: Path, capsys: p
 
 
 def test_llm_comparison_plumbing(llm_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The Llama-family comparison on the tiny shared-buffer decoder: both variants, the real server through the
-    project's client and onnxruntime-genai's loop, the ratios and the results writer; a missing model is a
-    skip, not a failure."""
+    """The Llama-family comparison on the tiny shared-buffer decoder (its int4 variant: onnxruntime-genai gets a
+    rewritten genai_config.json), the real server through the project's client and onnxruntime-genai's loop, the
+    ratios and the results writer; a missing model is a skip, not a failure."""
     from bench import llm
     from bench.__main__ import main
 
     plan = llm.LlmPlan(
-        name="test", rounds=1, variants=("fp32", "int4"), streams=(1, 2), max_new_tokens=4, arrival_s=0.2,
+        name="test", rounds=1, variants=("int4",), streams=(1, 2), max_new_tokens=4, arrival_s=0.2,
         single_window=llm._fixed(0.1, 0.3), batch_window=llm._fixed(0.3, 0.5), profile_seconds=0.0,
     )
     model = llm.find_model(llm_repo, "tinyllama")
@@ -194,7 +194,7 @@ def test_llm_comparison_plumbing(llm_repo: Path, tmp_path: Path, capsys: pytest.
         result = llm.bench_llm(ctx, plan, llm_repo, "tinyllama")
     finally:
         ctx.runner.close()
-    assert set(result["variants"]) == {"fp32", "int4"}
+    assert set(result["variants"]) == {"int4"}
     for variant in result["variants"].values():
         for side in ("server", "genai"):
             for streams in ("1", "2"):
@@ -203,7 +203,7 @@ def test_llm_comparison_plumbing(llm_repo: Path, tmp_path: Path, capsys: pytest.
         assert variant["summary"]["server"]["2"]["codes"].get("OK", 0) >= 1
         assert variant["summary"]["genai"]["2"]["batch_size"] == 2
     ids = {c["id"] for c in ctx.comparisons}
-    assert "llm/tinyllama/int4/server-vs-genai/s2/tokens" in ids and len(ids) == 8
+    assert "llm/tinyllama/int4/server-vs-genai/s2/tokens" in ids and len(ids) == 4
 
     info = machine_info()
     results = {"created": "2026-01-01T00:00:00+00:00", "machine": info, "machine_slug": machine_slug(info),

@@ -142,16 +142,15 @@ def _chunks(scheduler, prompt, params) -> list[GenerationChunk]:
 
 
 def test_eos_ends_generation(generator, registry):
-    first = None
+    eos = generator.eos_ids
     s = GenerationScheduler(generator, max_active_sequences=2, max_queue_size=4)
     s.start()
     try:
         first = run(s, PROMPTS[3], max_new_tokens=5).token_ids[0]
-        eos = generator.eos_id
-        generator.eos_id = first  # make the greedy first token the end-of-sequence token
+        generator.eos_ids = frozenset({first})  # make the greedy first token the end-of-sequence token
         out = run(s, PROMPTS[3], max_new_tokens=5)
     finally:
-        generator.eos_id = eos
+        generator.eos_ids = eos
         s.close(10)
     assert out.finish is FinishReason.EOS
     assert out.token_ids == [first] and out.text == "" and out.usage.generated_tokens == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -72,8 +72,15 @@ def chat_request(messages: Iterable[Any], model: str | None, **params: Any) -> p
     """A `GenerateRequest` carrying a conversation: `messages` are (role, content) pairs or mappings with
     "role" and "content" (as in the OpenAI API); `params` are those of `generate_request` but the prompt."""
     request = generate_request("", model, **{**GENERATE_DEFAULTS, **params})
+    if isinstance(messages, (str, tuple)) and messages and isinstance(messages[0], str):
+        raise TypeError("messages: a list of (role, content) pairs or {'role', 'content'} mappings, not one message")
     for i, message in enumerate(messages):
-        role, content = (message["role"], message["content"]) if isinstance(message, dict) else message
+        if isinstance(message, Mapping) and {"role", "content"} <= message.keys():
+            role, content = message["role"], message["content"]
+        elif isinstance(message, (tuple, list)) and len(message) == 2:
+            role, content = message
+        else:
+            raise TypeError(f"messages[{i}]: {message!r:.60} is not a (role, content) pair or a role/content mapping")
         try:
             request.messages.add(role=role, content=content)
         except (TypeError, ValueError) as e:

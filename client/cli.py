@@ -425,21 +425,32 @@ def run_chat(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO,
     turns = (line.rstrip("\r\n") for line in stdin) if args.interactive else iter(
         [stdin.read() if args.message == "-" else args.message]
     )
+    code = EXIT_OK
     for turn in turns:
         if args.interactive and not turn.strip():
             continue
         messages.append(("user", turn))
-        if args.no_stream:
-            answer = client.chat(messages, **kwargs)
-            _print_whole(answer, args, out, err)
-            text = answer.text
-        else:
-            chunks: list[GenerationChunk] = []
-            stream = (chunks.append(c) or c for c in client.chat_stream(messages, **kwargs))
-            _print_stats(_print_stream(stream, args.json, out), args, err)
-            text = "".join(c.text for c in chunks)
+        try:
+            if args.no_stream:
+                answer = client.chat(messages, **kwargs)
+                _print_whole(answer, args, out, err)
+                text = answer.text
+            else:
+                chunks: list[GenerationChunk] = []
+                stream = (chunks.append(c) or c for c in client.chat_stream(messages, **kwargs))
+                _print_stats(_print_stream(stream, args.json, out), args, err)
+                text = "".join(c.text for c in chunks)
+        except ServerError as e:
+            if not args.interactive:
+                raise
+            # One failed turn (the conversation outgrew the context, a deadline...) does not end the session:
+            # it is said on stderr and left out of the conversation.
+            print(format_error(e, client.target), file=err)
+            messages.pop()
+            code = EXIT_FAILED
+            continue
         messages.append(("assistant", text))  # the next turn sees the whole conversation
-    return EXIT_OK
+    return code
 
 
 def _print_whole(generation: Generation, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:

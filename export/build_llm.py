@@ -73,7 +73,7 @@ class LlmOptions:
 
 def is_llm_source(path: Path) -> bool:
     """A .gguf file, or a checkpoint folder whose model_type is not gpt2 (the GPT-2 path stays as it was)."""
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         return True
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
@@ -314,7 +314,7 @@ def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
     version_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nlpserve-llm-") as tmp:
         work = Path(tmp)
-        if opts.source.suffix == ".gguf":
+        if opts.source.suffix.lower() == ".gguf":
             checkpoint = checkpoint_from_gguf(opts.source, work)
             source = f"{opts.source.name} (GGUF, dequantized to fp32 by transformers)"
         else:
@@ -385,7 +385,8 @@ def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
                            "eos_token_ids": eos_ids},
         }
 
-        prompt_ids = [tokenizer.encode(p).ids for p in PROMPTS]
+        # Within the served context, however short: prompts of at most a quarter of it, then the greedy tokens.
+        prompt_ids = [tokenizer.encode(p).ids[: max(1, context // 4)] for p in PROMPTS]
         new_tokens = max(1, min(opts.verify_tokens, context - max(len(p) for p in prompt_ids) - 1))
         quality: dict[str, Any] = {}
         t0 = time.monotonic()
@@ -402,7 +403,7 @@ def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
         fp32["max_abs_diff"] = max(fp32["batch1"]["max_abs_diff"], fp32["batch3"]["max_abs_diff"])
         fp32["token_identical"] = True
         quality["fp32"] = fp32
-        held_out = tokenizer.encode(HELD_OUT).ids[:128]
+        held_out = tokenizer.encode(HELD_OUT).ids[: min(128, context)]
         reference_ppl = perplexity_torch(model, held_out)
         quality["fp32"]["perplexity"] = round(perplexity_onnx(served, held_out), 4)
         logger.info("%s fp32: max abs diff %.3g over %d greedy tokens (batch 1 and 3), identical; perplexity %.3f "
@@ -515,6 +516,9 @@ def import_onnx(folder: Path, opts: LlmOptions, version_dir: Path, checkpoint: P
     variant = "int4" if "MatMulNBits" in ops else "fp16" if "float16" in str(graph.input[-1].type) else "fp32"
     data_files = {init.external_data[i].value for init in graph.initializer for i in range(len(init.external_data))
                   if init.external_data[i].key == "location"}
+    missing = sorted(name for name in data_files if not (folder / name).is_file())
+    if missing:
+        raise ExportError(f"{folder / filename} keeps its weights in {', '.join(missing)}, which is missing")
     version_dir.mkdir(parents=True, exist_ok=True)
     for name in {filename, *data_files}:
         shutil.copyfile(folder / name, version_dir / name)
@@ -540,7 +544,7 @@ def import_onnx(folder: Path, opts: LlmOptions, version_dir: Path, checkpoint: P
         "batching": dict(GENERATOR_BATCHING),
         "generation": {"default_max_new_tokens": 128, "max_new_tokens": min(1024, context - 1), "eos_token_ids": eos_ids},
     }
-    prompt_ids = [tokenizer.encode(p).ids for p in PROMPTS]
+    prompt_ids = [tokenizer.encode(p).ids[: max(1, context // 4)] for p in PROMPTS]
     new_tokens = max(1, min(opts.verify_tokens, context - max(len(p) for p in prompt_ids) - 1))
     served = served_model(version_dir, config, filename)
     quality: dict[str, Any]

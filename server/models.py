@@ -114,10 +114,11 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
         )
         started = time.monotonic()
         ids = model.tokenizer.encode("warm up").ids or [0]
-        logits, cache = model.prefill([ids, ids[:1]])
+        prompts = [ids, ids[:1]][: max(1, active)]  # a shared-buffer model has `active` cache slots
+        logits, cache = model.prefill(prompts)
         for step in range(2):
             logits, cache = model.decode(
-                [int(t) for t in logits.argmax(-1)], [len(ids) + step, 1 + step], cache
+                [int(t) for t in logits.argmax(-1)], [len(p) + step for p in prompts], cache
             )
         cache.release()
         served = ServedModel(description, scheduler=scheduler)

@@ -92,6 +92,8 @@ class KVCache:
         selection; the arrays are gathered when next read, or by `join`."""
         if len(rows) == self.batch and list(rows) == list(range(self.batch)):
             return self  # nothing leaves: keep the arrays where they are (on the device with IO binding)
+        if not len(rows):  # everything leaves: keep nothing alive while the model is idle
+            return KVCache([], [], np.zeros((0, 0), dtype=self.mask.dtype))
         idx = np.asarray(rows, dtype=np.int64)
         mask = self.mask[idx]
         attended = mask.any(axis=0)

@@ -96,11 +96,12 @@ class GeneratorModel:
             prompt_ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         else:
             prompt_ids = self.tokenizer.encode(request.prompt).ids
+        field = "messages" if request.messages else "prompt"
         if not prompt_ids:
-            raise InvalidInput("prompt", "the prompt has no tokens")
+            raise InvalidInput(field, "the prompt has no tokens")
         if len(prompt_ids) + max_new > self.context_length:
             raise InvalidInput(
-                "prompt",
+                field,
                 f"{len(prompt_ids)} prompt tokens + max_new_tokens {max_new} = "
                 f"{len(prompt_ids) + max_new}, more than the model's context of {self.context_length} tokens",
             )

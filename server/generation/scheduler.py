@@ -214,8 +214,9 @@ class GenerationScheduler:
         cancelled) cancels the sequence, which leaves the batch at the next step boundary."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
         prepared = None
-        if request.text_length > LONG_PROMPT_CHARS:
-            # Tokenizing a prompt of megabytes takes seconds: not on the event loop, which serves everyone.
+        if request.text_length > LONG_PROMPT_CHARS or request.messages:
+            # Tokenizing a prompt of megabytes takes seconds, and so may rendering a conversation of many
+            # messages: not on the event loop, which serves everyone.
             prepared = await asyncio.to_thread(self.model.prepare, request)
         handle = self.submit(request, queue.put_nowait, deadline, prepared)
         try:

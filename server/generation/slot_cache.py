@@ -72,6 +72,8 @@ class SlotPool:
 
     def release(self, slots: Sequence[int]) -> None:
         for slot in slots:
+            if slot in self._free:  # two sequences would then share a slot: a bug, stop it here
+                raise RuntimeError(f"KV-cache slot {slot} freed twice")
             heapq.heappush(self._free, int(slot))
 
     def reset(self) -> None:

@@ -116,3 +116,20 @@ def test_cli_chat_without_message_is_a_usage_error(llm_srv: ServerProcess) -> No
     err = io.StringIO()
     assert cli(["--target", llm_srv.target, "chat", "--model", "tinyllama"], stdout=io.StringIO(), stderr=err) == 2
     assert "MESSAGE" in err.getvalue()
+
+
+def test_cli_interactive_chat_survives_a_failed_turn(llm_srv: ServerProcess) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    too_long = "Hello, world! " * 200  # past the tiny model's context of 256 tokens
+    code = cli(["--target", llm_srv.target, "chat", "-i", "--model", "tinyllama", "--max-new-tokens", "4"],
+               stdout=out, stderr=err, stdin=io.StringIO(f"{too_long}\nHello\n"))
+    assert code == 1
+    assert err.getvalue().startswith("error: INVALID_ARGUMENT: messages: ") and err.getvalue().count("\n") == 1
+    with Client(llm_srv.target) as client:  # the failed turn was left out of the conversation
+        assert out.getvalue() == client.chat([("user", "Hello")], model="tinyllama", max_new_tokens=4).text + "\n"
+
+
+def test_a_single_cache_slot_serves(llm_repo: Path) -> None:
+    with start(llm_repo, "--max-active-sequences", "1") as one, Client(one.target) as client:
+        answers = [client.chat(CONVERSATION, model="tinyllama", max_new_tokens=20) for _ in range(3)]
+    assert len({tuple(a.token_ids) for a in answers}) == 1

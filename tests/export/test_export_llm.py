@@ -4,6 +4,7 @@ writes (format version 2, a shared-buffer decoder), its verification figures, an
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,4 +140,21 @@ def test_import_onnx_refuses_a_folder_without_genai_config(tmp_path: Path) -> No
     result = run_export("import-onnx", str(tmp_path / "plain"), "--out", str(tmp_path / "models" / "x"))
     assert result.returncode == 2
     assert "genai_config.json" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_short_context_is_verified_within_it(llm_checkpoints, tmp_path: Path) -> None:
+    result = run_export("generator", "--import", str(llm_checkpoints["qwen2"]), "--out", str(tmp_path / "m" / "short"),
+                        "--context", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = config_of(tmp_path / "m" / "short")
+    assert config["max_sequence_length"] == 16 and config["quality"]["parity"]["fp32"]["token_identical"]
+
+
+def test_import_onnx_refuses_a_folder_without_its_weights(genai_folder: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(genai_folder, partial, ignore=shutil.ignore_patterns("*.data"))
+    result = run_export("import-onnx", str(partial), "--out", str(tmp_path / "models" / "x"))
+    assert result.returncode == 2
+    assert "model.onnx.data, which is missing" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "models").exists()

@@ -134,3 +134,12 @@ def test_random_chains_of_selections_and_joins_match_plain_numpy():
         np.testing.assert_array_equal(cache.mask, ref[2])
         for got, want in zip(cache.keys + cache.values, ref[0] + ref[1]):
             np.testing.assert_array_equal(got, want)
+
+
+def test_selecting_no_row_keeps_no_array_alive():
+    keys = [np.ones((2, 1, 3, 2), np.float32)]
+    cache = KVCache(keys, [np.ones((2, 1, 3, 2), np.float32)], np.ones((2, 3), np.int64))
+    empty = cache.select([])
+    assert empty.batch == 0 and empty.keys == [] and empty.values == []
+    joined = KVCache.join(empty, cache)
+    assert joined is cache

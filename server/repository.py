@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 # Version 2 adds shared-buffer (GroupQueryAttention) decoders, several end-of-sequence ids, chat templates and
 # a per-model default variant; every version-1 file is also read as it always was.
 FORMAT_VERSIONS = (1, 2)
-FORMAT_VERSION = 2
 # Generator graph contracts (`onnx.kv_cache`): present = past + new tokens, or past and present in one buffer.
 KV_CONCAT = "concat"
 KV_SHARED_BUFFER = "shared_buffer"

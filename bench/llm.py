@@ -15,7 +15,6 @@ Both sides alternate in every round; each ratio is the median of the per-round r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -23,9 +22,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import inprocess, load, profiling
+from bench import inprocess, load
 from bench.machine import ROOT
-from bench.suite import Context, alternating, compare, median_point, server_pid, serving
+from bench.suite import Context, alternating, compare, median_point, profiled, server_pid, serving
 
 logger = logging.getLogger(__name__)
 
@@ -234,18 +233,4 @@ def profile_chat(
     coroutine = load.chat_closed_loop(srv.target, name, prompts.conversations, streams, plan.max_new_tokens, window,
                                       plan.arrival_s, srv.metrics_url)
     logger.info("profiling %s at %d streams for %.0f s", label, streams, seconds)
-
-    async def record_under_load() -> Any:
-        task = asyncio.create_task(coroutine)
-        await asyncio.sleep(window.warmup_s)
-        recorder = profiling.start_recording(server_pid(srv), seconds, raw)
-        point = await task
-        await asyncio.to_thread(profiling.finish_recording, recorder)
-        return point
-
-    try:
-        point = ctx.run(record_under_load())
-    except (OSError, RuntimeError) as e:  # py-spy may be refused (no ptrace) on some machines
-        logger.warning("profiling %s failed: %s", label, e)
-        return {"model": label, "error": str(e)}
-    return {"model": label, "load": point, "concurrency": streams, **profiling.summarize(raw.read_text())}
+    return profiled(ctx, srv, coroutine, window.warmup_s, seconds, raw, label, streams)

@@ -474,10 +474,18 @@ def profile_under_load(ctx: Context, srv: Any, kind: str, name: str) -> dict[str
         prompts = [load.generate_request(name, p, ctx.plan.max_new_tokens) for p in ctx.texts.prompts]
         coroutine = load.generate_closed_loop(srv.target, prompts, 16, window, srv.metrics_url)
     logger.info("profiling %s on %s for %.0f s", kind, name, seconds)
+    return profiled(ctx, srv, coroutine, window.warmup_s, seconds, raw, name, 32 if kind == "classify" else 16)
+
+
+def profiled(
+    ctx: Context, srv: Any, coroutine: Any, warmup_s: float, seconds: float, raw: Path, model: str, concurrency: int
+) -> dict[str, Any]:
+    """Runs the load `coroutine` and records the server with py-spy for `seconds` once `warmup_s` passed; returns
+    the load's point and the profile's summary (or the error, when py-spy is refused)."""
 
     async def record_under_load() -> Any:
         task = asyncio.create_task(coroutine)
-        await asyncio.sleep(window.warmup_s)
+        await asyncio.sleep(warmup_s)
         recorder = profiling.start_recording(server_pid(srv), seconds, raw)
         point = await task
         await asyncio.to_thread(profiling.finish_recording, recorder)
@@ -486,10 +494,9 @@ def profile_under_load(ctx: Context, srv: Any, kind: str, name: str) -> dict[str
     try:
         point = ctx.run(record_under_load())
     except (OSError, RuntimeError) as e:  # py-spy may be refused (no ptrace) on some machines
-        logger.warning("profiling %s failed: %s", kind, e)
-        return {"model": name, "error": str(e)}
-    return {"model": name, "load": point, "concurrency": 32 if kind == "classify" else 16,
-            **profiling.summarize(raw.read_text())}
+        logger.warning("profiling %s failed: %s", model, e)
+        return {"model": model, "error": str(e)}
+    return {"model": model, "load": point, "concurrency": concurrency, **profiling.summarize(raw.read_text())}
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:

@@ -12,7 +12,10 @@ from pathlib import Path
 import onnx
 import pytest
 from gguf_util import write_gguf
-from llm_util import run_export, tiny_llama
+from llm_util import EOS_CONVERSATION, run_export, tiny_llama
+
+from client import Client
+from server.process import ServerProcess
 
 
 def config_of(folder: Path) -> dict:
@@ -133,6 +136,10 @@ def test_import_onnx_serves_a_genai_builder_folder(genai_folder: Path, llm_check
     facts = json.loads((llm_checkpoints["llama"] / "nlpserve-test.json").read_text())
     assert config["generation"]["eos_token_ids"] == facts["eos_ids"]  # both, from genai_config.json
     assert (tmp_path / "models" / "imported" / "1" / "model.onnx.data").is_file()
+    if against == "genai":  # and served: the chat answer PyTorch gives through transformers' template
+        with ServerProcess(tmp_path / "models") as srv, Client(srv.target) as client:
+            answer = client.chat(EOS_CONVERSATION, model="imported", max_new_tokens=20)
+        assert list(answer.token_ids) == facts["answer_ids"] and answer.finish_reason == "eos"
 
 
 def test_import_onnx_refuses_a_folder_without_genai_config(tmp_path: Path) -> None:

@@ -4,6 +4,17 @@
 from __future__ import annotations
 
 
+SHOWN_CHARACTERS = 64
+
+
+def shown(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """`text` quoted for a message, cut to `limit` characters: never echo unbounded input (a 9 KB model name no
+    longer fits the client's metadata limit, and the client would see RESOURCE_EXHAUSTED instead of the error)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class ServeError(Exception):
     """Base of every error the core raises on purpose; its message is safe to show to the client."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .batching import DynamicBatcher
 from .classify import ClassifierModel
 from .config import Settings
-from .errors import InvalidInput, ModelNotFound, Unavailable
+from .errors import InvalidInput, ModelNotFound, Unavailable, shown
 from .generation.model import MAX_STOP_SEQUENCES, make_generator
 from .generation.scheduler import GenerationScheduler
 from .metrics import CLASSIFY, Metrics
@@ -172,7 +172,7 @@ class ModelHub:
         except KeyError:
             if name in self.loading:
                 raise Unavailable(f"model {name} is loading") from None
-            raise ModelNotFound(f"no model named {name!r}") from None
+            raise ModelNotFound(f"no model named {shown(name)}") from None
 
     def pick(self, name: str, kind: str) -> ServedModel:
         """The model `name`, or the only model of `kind` when `name` is empty."""
@@ -191,7 +191,7 @@ class ModelHub:
         else:
             served = self.get(name)
             if served.description.kind != kind:
-                raise InvalidInput("model", f"{name!r} is a {served.description.kind}, not a {kind}")
+                raise InvalidInput("model", f"{shown(name)} is a {served.description.kind}, not a {kind}")
         if not served.ready:
             raise Unavailable(f"model {served.name} is not ready")
         return served

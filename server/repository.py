@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,24 @@ KV_CONCAT = "concat"
 KV_SHARED_BUFFER = "shared_buffer"
 CLASSIFIER = "classifier"
 GENERATOR = "generator"
+# Numbers of config.json checked at start-up, like the command-line flags: (field, least value, integer only).
+_NUMBERS = (
+    ("version", 1, True),
+    ("max_sequence_length", 1, True),
+    ("batching.max_batch_size", 1, True),
+    ("batching.max_queue_delay_ms", 0, False),
+    ("batching.max_queue_size", 1, True),
+    ("batching.max_active_sequences", 1, True),
+    ("generation.max_new_tokens", 1, True),
+    ("generation.default_max_new_tokens", 1, True),
+    ("architecture.num_layers", 1, True),
+    ("architecture.num_heads", 1, True),
+    ("architecture.num_kv_heads", 1, True),
+    ("architecture.head_size", 1, True),
+    ("architecture.vocab_size", 1, True),
+    ("architecture.tokenizer_vocab_size", 1, True),
+)
+_SECTIONS = ("onnx", "batching", "generation", "architecture", "special_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +88,7 @@ class ModelConfig:
             raw = json.loads(path.read_text())
             if not isinstance(raw, dict):
                 raise StartupError(f"{path}: not a JSON object")
+            _check_fields(path, raw)
             if raw.get("format_version") not in FORMAT_VERSIONS:
                 raise StartupError(
                     f"{path}: format_version {raw.get('format_version')!r}, this server reads "
@@ -111,6 +131,38 @@ class ModelConfig:
         if config.default_variant not in config.variants:
             raise StartupError(f"{path}: onnx.default_variant {config.default_variant!r} is not in onnx.variants")
         return config
+
+
+def _check_fields(path: Path, raw: dict[str, Any]) -> None:
+    """One line naming the file and the field for a value the server cannot serve with (a negative queue size
+    would refuse every call, 0 active sequences would hang every Generate)."""
+
+    def bad(field: str, value: Any, want: str) -> StartupError:
+        return StartupError(f"{path}: {field} is {json.dumps(value)[:60]}, must be {want}")
+
+    for section in _SECTIONS:
+        if section in raw and not isinstance(raw[section], dict):
+            raise bad(section, raw[section], "an object")
+    for field, least, integer in _NUMBERS:
+        section, _, key = field.rpartition(".")
+        holder = raw.get(section, {}) if section else raw
+        if key not in holder or (holder[key] is None and section == "architecture"):
+            continue
+        value = holder[key]
+        number = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not number or not math.isfinite(value) or value < least:
+            raise bad(field, value, f"{'an integer' if integer else 'a number'} of at least {least}")
+    eos = raw.get("generation", {}).get("eos_token_ids", [])
+    if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+        raise bad("generation.eos_token_ids", eos, "a list of token ids")
+    for name, value in raw.get("special_tokens", {}).items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise bad(f"special_tokens.{name}", value, "a token id or null")
+    labels = raw.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise bad("labels", labels, "a list of strings")
+    if raw.get("kind") == CLASSIFIER and raw.get("pooling", "cls") not in ("cls", "mean", "max"):
+        raise bad("pooling", raw.get("pooling"), '"cls", "mean" or "max"')
 
 
 def scan(models_dir: Path) -> list[ModelConfig]:

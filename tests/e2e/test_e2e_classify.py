@@ -131,6 +131,15 @@ def test_list_and_get_models(stub):
     assert got is grpc.StatusCode.NOT_FOUND and "nope" in details
 
 
+def test_an_unknown_name_is_not_echoed_whole(stub):
+    name = "x" * 30_000  # whole, its status would pass the client's 8 KiB metadata limit (RESOURCE_EXHAUSTED)
+    for call in (lambda: stub.GetModel(pb.GetModelRequest(name=name), timeout=30),
+                 lambda: stub.Classify(pb.ClassifyRequest(model=name, texts=["hi"]), timeout=30)):
+        got, details = code_of(call)
+        assert got is grpc.StatusCode.NOT_FOUND
+        assert "xxxx" in details and "30000 characters" in details and len(details) < 200
+
+
 def test_reflection_lists_the_services(channel):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

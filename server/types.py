@@ -78,6 +78,9 @@ class FinishReason(enum.Enum):
     EOS = pb.FINISH_REASON_EOS
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request sampling. ``max_new_tokens`` None means the model's default; temperature 0 is greedy."""
@@ -106,7 +109,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # A temperature this small picks the most likely token anyway; dividing logits by it (1e-310) would
+        # overflow to inf and give NaN probabilities. vLLM draws the same line.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

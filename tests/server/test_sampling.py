@@ -104,3 +104,13 @@ def test_logprobs_are_those_of_the_model(penalty):
     s = Sampler(SamplingParams(temperature=0.7, repetition_penalty=penalty), 1)
     tokens, logprobs = sample_batch(LOGITS[:1], [s], [True])
     assert logprobs[0] == pytest.approx(float(log_softmax(LOGITS[:1])[0, tokens[0]]))
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 1e-12, 9e-6])
+def test_a_vanishing_temperature_is_greedy_not_nan(temperature):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 50)).astype(np.float32) * 30
+    samplers = [Sampler(SamplingParams(temperature=temperature), seed=i) for i in range(4)]
+    tokens, logprobs = sample_batch(logits, samplers, [True] * 4)
+    assert tokens == logits.argmax(-1).tolist()
+    assert all(np.isfinite(lp) for lp in logprobs)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 SHOWN_CHARACTERS = 64
 
 

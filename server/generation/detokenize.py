@@ -47,3 +47,14 @@ class IncrementalDetokenizer:
             # More than two characters' worth of bytes that never decode: invalid bytes. Drop them.
             self.prefix_offset = self.read_offset = len(self.ids)
         return ""
+
+    def flush(self) -> str:
+        """At the end of generation: the complete characters still held back (one token may end a character and
+        begin the next; the next never comes); bytes that never formed a character are dropped."""
+        if self.read_offset >= len(self.ids):
+            return ""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=False)
+        text = decode(self.ids[self.prefix_offset :], skip_special_tokens=False)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :].replace(REPLACEMENT, "") if len(text) > len(prefix) else ""

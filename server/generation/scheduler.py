@@ -112,6 +112,13 @@ def prefill_chunks(
     return chunks
 
 
+def _ending(seq: _Sequence) -> tuple[str, bool]:
+    """The text a sequence still holds when it ends: the detokenizer's last complete characters, then what the
+    stop matcher held back (unless those characters complete a stop sequence); and whether they did."""
+    text, stopped = seq.stopper.push(seq.detok.flush())
+    return (text if stopped else text + seq.stopper.flush()), stopped
+
+
 def _call_each(pairs: list[tuple[Sink, Event]]) -> None:
     for sink, event in pairs:
         sink(event)
@@ -397,15 +404,16 @@ class GenerationScheduler:
                 seq.pending_logprobs.append(logprob)
             finish = None
             if token in eos:
-                finish = FinishReason.EOS
-                text = seq.stopper.flush()
+                text, stopped = _ending(seq)
+                finish = FinishReason.STOP if stopped else FinishReason.EOS
             else:
                 text, stopped = seq.stopper.push(seq.detok.add(token))
                 if stopped:
                     finish = FinishReason.STOP
                 elif seq.generated >= seq.prepared.max_new_tokens:
-                    finish = FinishReason.LENGTH
-                    text += seq.stopper.flush()
+                    more, stopped = _ending(seq)
+                    text += more
+                    finish = FinishReason.STOP if stopped else FinishReason.LENGTH
             if finish is None and seq.cancelled:
                 continue  # the client is gone: nothing to send, and the row leaves now
             if finish is not None or text:

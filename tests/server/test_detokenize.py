@@ -55,3 +55,37 @@ def test_bytes_that_never_form_a_character_are_dropped(generator):
     pieces = pieces_of(tok, ids)
     assert "".join(pieces) == "ok"
     assert not any(REPLACEMENT in p for p in pieces)
+
+
+def test_a_character_held_by_an_incomplete_one_comes_out_at_the_end():
+    # One token ending "é" and beginning "🎉" (byte-level: é = C3 A9, 🎉 = F0 9F 8E 89): after it the text ends
+    # in half a character, so "é" is held; if generation then ends, flush must still give it.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    byte = {b: ch for b, ch in zip(range(256), _bytes_to_unicode())}
+    merged = byte[0xA9] + byte[0xF0]
+    vocab[merged] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(byte[0xA9], byte[0xF0])]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    detok = IncrementalDetokenizer(tok)
+    assert detok.add(vocab[byte[ord("a")]]) == "a"
+    assert detok.add(vocab[byte[0xC3]]) == ""
+    assert detok.add(vocab[merged]) == ""  # "é" and the first byte of 🎉: held
+    assert detok.flush() == "é"
+    assert detok.flush() == ""
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table, in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]

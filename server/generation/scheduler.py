@@ -277,9 +277,7 @@ class GenerationScheduler:
                     if self._closed:
                         return
                     self._cond.wait()
-                admitted = []
-                while self._waiting and len(self._active) + len(admitted) < self.max_active_sequences:
-                    admitted.append(self._waiting.popleft())
+                admitted = self._admit()
             events: list[tuple[Sink, Event]] = []
             try:
                 self._iterate(admitted, events)
@@ -292,6 +290,15 @@ class GenerationScheduler:
                 self._gauges()
             if events:
                 self._deliver(events)
+
+    def _admit(self) -> list[_Sequence]:
+        """Waiting requests that fit beside the running batch (under the lock). Rows cancelled since the last
+        step leave at this boundary, before the prefill, so their slots count as free already."""
+        running = sum(not seq.cancelled for seq in self._active)
+        admitted = []
+        while self._waiting and running + len(admitted) < self.max_active_sequences:
+            admitted.append(self._waiting.popleft())
+        return admitted
 
     def _iterate(self, admitted: list[_Sequence], events: list[tuple[Sink, Event]]) -> None:
         """One step boundary: leave, join (prefill), one decode step."""

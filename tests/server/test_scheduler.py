@@ -387,3 +387,21 @@ def test_prefill_batches_group_similar_lengths_within_bounds(lengths, all_positi
 
     group = [SimpleNamespace(prepared=SimpleNamespace(prompt_ids=[0] * n)) for n in lengths]
     assert _lengths(prefill_chunks(group, 50_257, all_positions)) == expected
+
+
+def test_a_row_cancelled_since_the_last_step_frees_its_place_at_once(generator):
+    # The boundary's admission, driven step by step (no thread): a cancelled row leaves at this boundary, so
+    # a waiting request takes its place now, not one decode step later.
+    s = GenerationScheduler(generator, max_active_sequences=2, max_queue_size=4)
+    handles = [s.submit(GenerateRequest("docgpt", p, SamplingParams(max_new_tokens=50)), Collector())
+               for p in PROMPTS[:2]]
+    events: list = []
+    s._iterate(s._admit(), events)
+    assert s.active == 2
+    s.submit(GenerateRequest("docgpt", PROMPTS[2], SamplingParams(max_new_tokens=50)), Collector())
+    assert s._admit() == []  # both places are taken
+    handles[0].cancel()
+    admitted = s._admit()
+    assert [seq.prepared.request.prompt for seq in admitted] == [PROMPTS[2]]
+    s._iterate(admitted, events)
+    assert s.active == 2 and [seq.prepared.request.prompt for seq in s._active] == [PROMPTS[1], PROMPTS[2]]

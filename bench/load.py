@@ -16,7 +16,7 @@ import random
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,14 +377,27 @@ async def generate_closed_loop(
                 if state.inside(record.done):
                     state.completed += 1
 
-        clients = [asyncio.create_task(client(i)) for i in range(streams)]
-        before, after, cpu = await _run_window(state, window, metrics_url, server_pid)
-        for task in clients:
-            task.cancel()
-        await asyncio.gather(*clients, return_exceptions=True)
+        before, after, cpu = await _drive(client, streams, state, window, metrics_url, server_pid)
     await wait_idle(metrics_url, model)
     assert state.start is not None and state.end is not None
     return _generation_point(streams, state, done, before, after, model) | cpu
+
+
+async def _drive(
+    client: Callable[[int], Awaitable[None]],
+    streams: int,
+    state: _Measuring,
+    window: Window,
+    metrics_url: str | None,
+    server_pid: int | None,
+) -> tuple[Samples, Samples, dict[str, float | None]]:
+    """Runs `streams` closed-loop clients through the measuring window, then cancels the streams still open."""
+    clients = [asyncio.create_task(client(i)) for i in range(streams)]
+    measured = await _run_window(state, window, metrics_url, server_pid)
+    for task in clients:
+        task.cancel()
+    await asyncio.gather(*clients, return_exceptions=True)
+    return measured
 
 
 async def chat_closed_loop(
@@ -433,11 +446,7 @@ async def chat_closed_loop(
                 if state.inside(record.done):
                     state.completed += 1
 
-        clients = [asyncio.create_task(client(i)) for i in range(streams)]
-        before, after, cpu = await _run_window(state, window, metrics_url, server_pid)
-        for task in clients:
-            task.cancel()
-        await asyncio.gather(*clients, return_exceptions=True)
+        before, after, cpu = await _drive(client, streams, state, window, metrics_url, server_pid)
     await wait_idle(metrics_url, model)
     point = _generation_point(streams, state, done, before, after, model) | cpu
     return point | {"arrival_s": arrival_s, "max_new_tokens": max_new_tokens}

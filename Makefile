@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The demo model repository, built only when $(MODELS) does not exist (a few minutes on 2 cores); the exporter
+# The demo model repository, built only when $(MODELS) does not exist (about 8 minutes on 2 cores); the exporter
 # writes it atomically, so a failed build leaves no half-written folder behind, and a folder of your own
 # models is never replaced. `make models` builds it alone.
 $(MODELS): | $(VENV)/.installed

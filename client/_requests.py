@@ -33,14 +33,14 @@ def classify_request(
 def generate_request(
     prompt: str,
     model: str | None,
-    max_new_tokens: int | None,
-    temperature: float,
-    top_k: int,
-    top_p: float | None,
-    repetition_penalty: float | None,
-    seed: int | None,
-    stop: Sequence[str],
-    logprobs: bool,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    logprobs: bool = False,
 ) -> pb.GenerateRequest:
     """A `GenerateRequest`. Values are sent as given: the server validates them and names a bad field."""
     if isinstance(stop, str):
@@ -71,7 +71,7 @@ def generate_request(
 def chat_request(messages: Iterable[Any], model: str | None, **params: Any) -> pb.GenerateRequest:
     """A `GenerateRequest` carrying a conversation: `messages` are (role, content) pairs or mappings with
     "role" and "content" (as in the OpenAI API); `params` are those of `generate_request` but the prompt."""
-    request = generate_request("", model, **{**GENERATE_DEFAULTS, **params})
+    request = generate_request("", model, **params)
     if isinstance(messages, (str, tuple)) and messages and isinstance(messages[0], str):
         raise TypeError("messages: a list of (role, content) pairs or {'role', 'content'} mappings, not one message")
     for i, message in enumerate(messages):
@@ -86,18 +86,6 @@ def chat_request(messages: Iterable[Any], model: str | None, **params: Any) -> p
         except (TypeError, ValueError) as e:
             raise type(e)(f"messages[{i}]: {e}") from None
     return request
-
-
-GENERATE_DEFAULTS: dict[str, Any] = {
-    "max_new_tokens": None,
-    "temperature": 0.0,
-    "top_k": 0,
-    "top_p": None,
-    "repetition_penalty": None,
-    "seed": None,
-    "stop": (),
-    "logprobs": False,
-}
 
 
 def _set(message: Any, name: str, value: Any) -> None:

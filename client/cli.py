@@ -19,7 +19,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TextIO
 
 import grpc
@@ -436,10 +436,10 @@ def run_chat(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO,
                 _print_whole(answer, args, out, err)
                 text = answer.text
             else:
-                chunks: list[GenerationChunk] = []
-                stream = (chunks.append(c) or c for c in client.chat_stream(messages, **kwargs))
+                pieces: list[str] = []
+                stream = _keeping_text(client.chat_stream(messages, **kwargs), pieces)
                 _print_stats(_print_stream(stream, args.json, out), args, err)
-                text = "".join(c.text for c in chunks)
+                text = "".join(pieces)
         except ServerError as e:
             if not args.interactive:
                 raise
@@ -451,6 +451,13 @@ def run_chat(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO,
             continue
         messages.append(("assistant", text))  # the next turn sees the whole conversation
     return code
+
+
+def _keeping_text(chunks: Iterable[GenerationChunk], pieces: list[str]) -> Iterator[GenerationChunk]:
+    """The chunks, passed on as they come; their texts are appended to `pieces` (the answer, for the next turn)."""
+    for chunk in chunks:
+        pieces.append(chunk.text)
+        yield chunk
 
 
 def _print_whole(generation: Generation, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:

@@ -281,6 +281,36 @@ def perplexity_torch(model: Any, ids: list[int]) -> float:
 # -- the build ------------------------------------------------------------------------------------------------
 
 
+def graph_names(graph: Any) -> tuple[list[str], list[str]]:
+    return [i.name for i in graph.input], [o.name for o in graph.output]
+
+
+def repository_config(
+    opts: LlmOptions, context: int, graph: Any, variants: dict[str, str], default_variant: str, exporter: str,
+    eos_ids: list[int], specials: dict[str, int | None], architecture: dict[str, Any],
+) -> dict[str, Any]:
+    """The config.json (format version 2) of a shared-buffer decoder, without its provenance and quality."""
+    inputs, outputs = graph_names(graph)
+    return {
+        "format_version": FORMAT_VERSION, "name": opts.name, "version": opts.version, "kind": "generator",
+        "labels": [], "max_sequence_length": context, "pooling": None,
+        "special_tokens": {"unk": None, "cls": None, "sep": None, **specials, "eos": eos_ids[0] if eos_ids else None},
+        "architecture": architecture,
+        "onnx": {"kv_cache": "shared_buffer", "inputs": inputs, "outputs": outputs, "variants": variants,
+                 "default_variant": default_variant, "exporter": exporter},
+        "batching": dict(GENERATOR_BATCHING),
+        "generation": {"default_max_new_tokens": 128, "max_new_tokens": min(1024, context - 1),
+                       "eos_token_ids": eos_ids},
+    }
+
+
+def verification_prompts(tokenizer: Any, context: int, verify_tokens: int) -> tuple[list[list[int]], int]:
+    """The three prompts and the number of greedy tokens, within the served context however short it is: prompts
+    of at most a quarter of it, then the tokens."""
+    prompt_ids = [tokenizer.encode(p).ids[: max(1, context // 4)] for p in PROMPTS]
+    return prompt_ids, max(1, min(verify_tokens, context - max(len(p) for p in prompt_ids) - 1))
+
+
 def _eos_ids(folder: Path, config: dict[str, Any]) -> list[int]:
     ids: list[int] = []
     sources = [config.get("eos_token_id")]
@@ -349,45 +379,23 @@ def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
 
         layers = cfg.num_hidden_layers
         graph = onnx.load(str(version_dir / files["fp32"]), load_external_data=False).graph
-        inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
+        inputs, outputs = graph_names(graph)
         expected = {"input_ids", "attention_mask", "logits"} | {
             f"{kind}.{i}.{kv}" for kind in ("past_key_values", "present") for i in range(layers) for kv in ("key", "value")
         }
         if set(inputs) | set(outputs) != expected:
             raise VerificationError(f"the builder's graph has inputs {inputs[:4]}... and outputs {outputs[:3]}..., "
                                     "not the shared-buffer decoder contract")
-        config: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "name": opts.name,
-            "version": opts.version,
-            "kind": "generator",
-            "labels": [],
-            "max_sequence_length": context,
-            "pooling": None,
-            "special_tokens": {"pad": token_id("pad"), "unk": None, "cls": None, "sep": None, "bos": token_id("bos"),
-                               "eos": eos_ids[0] if eos_ids else None},
-            "architecture": {
-                "model_type": cfg.model_type,
-                "num_layers": layers,
-                "num_heads": cfg.num_attention_heads,
-                "num_kv_heads": cfg.num_key_value_heads,
-                "head_size": head_size,
-                "hidden_size": cfg.hidden_size,
-                "vocab_size": cfg.vocab_size,
-                "tokenizer_vocab_size": tokenizer.get_vocab_size(),
-                "context_length": cfg.max_position_embeddings,
-            },
-            "onnx": {"kv_cache": "shared_buffer", "inputs": inputs, "outputs": outputs, "variants": files,
-                     "default_variant": opts.default_variant if opts.default_variant in files else "fp32",
-                     "exporter": "onnxruntime-genai model builder (GroupQueryAttention, prune_lm_head)"},
-            "batching": dict(GENERATOR_BATCHING),
-            "generation": {"default_max_new_tokens": 128, "max_new_tokens": min(1024, context - 1),
-                           "eos_token_ids": eos_ids},
-        }
-
-        # Within the served context, however short: prompts of at most a quarter of it, then the greedy tokens.
-        prompt_ids = [tokenizer.encode(p).ids[: max(1, context // 4)] for p in PROMPTS]
-        new_tokens = max(1, min(opts.verify_tokens, context - max(len(p) for p in prompt_ids) - 1))
+        config = repository_config(
+            opts, context, graph, files, opts.default_variant if opts.default_variant in files else "fp32",
+            "onnxruntime-genai model builder (GroupQueryAttention, prune_lm_head)", eos_ids,
+            {"pad": token_id("pad"), "bos": token_id("bos")},
+            {"model_type": cfg.model_type, "num_layers": layers, "num_heads": cfg.num_attention_heads,
+             "num_kv_heads": cfg.num_key_value_heads, "head_size": head_size, "hidden_size": cfg.hidden_size,
+             "vocab_size": cfg.vocab_size, "tokenizer_vocab_size": tokenizer.get_vocab_size(),
+             "context_length": cfg.max_position_embeddings},
+        )
+        prompt_ids, new_tokens = verification_prompts(tokenizer, context, opts.verify_tokens)
         quality: dict[str, Any] = {}
         t0 = time.monotonic()
         served = served_model(version_dir, config, files["fp32"])
@@ -528,24 +536,15 @@ def import_onnx(folder: Path, opts: LlmOptions, version_dir: Path, checkpoint: P
     eos = model_section.get("eos_token_id")
     eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     context = min(int(model_section.get("context_length") or DEFAULT_CONTEXT), opts.context or DEFAULT_CONTEXT)
-    config: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "name": opts.name, "version": opts.version, "kind": "generator",
-        "labels": [], "max_sequence_length": context, "pooling": None,
-        "special_tokens": {"pad": model_section.get("pad_token_id"), "unk": None, "cls": None, "sep": None,
-                           "bos": model_section.get("bos_token_id"), "eos": eos_ids[0] if eos_ids else None},
-        "architecture": {"model_type": model_section.get("type", "unknown"), "num_layers": layers, "num_heads": heads,
-                         "num_kv_heads": kv_heads, "head_size": head_size, "hidden_size": decoder.get("hidden_size"),
-                         "vocab_size": model_section.get("vocab_size"),
-                         "tokenizer_vocab_size": tokenizer.get_vocab_size(),
-                         "context_length": model_section.get("context_length")},
-        "onnx": {"kv_cache": "shared_buffer", "inputs": [i.name for i in graph.input],
-                 "outputs": [o.name for o in graph.output], "variants": {variant: filename},
-                 "default_variant": variant, "exporter": f"imported from {folder} (onnxruntime-genai layout)"},
-        "batching": dict(GENERATOR_BATCHING),
-        "generation": {"default_max_new_tokens": 128, "max_new_tokens": min(1024, context - 1), "eos_token_ids": eos_ids},
-    }
-    prompt_ids = [tokenizer.encode(p).ids[: max(1, context // 4)] for p in PROMPTS]
-    new_tokens = max(1, min(opts.verify_tokens, context - max(len(p) for p in prompt_ids) - 1))
+    config = repository_config(
+        opts, context, graph, {variant: filename}, variant, f"imported from {folder} (onnxruntime-genai layout)",
+        eos_ids, {"pad": model_section.get("pad_token_id"), "bos": model_section.get("bos_token_id")},
+        {"model_type": model_section.get("type", "unknown"), "num_layers": layers, "num_heads": heads,
+         "num_kv_heads": kv_heads, "head_size": head_size, "hidden_size": decoder.get("hidden_size"),
+         "vocab_size": model_section.get("vocab_size"), "tokenizer_vocab_size": tokenizer.get_vocab_size(),
+         "context_length": model_section.get("context_length")},
+    )
+    prompt_ids, new_tokens = verification_prompts(tokenizer, context, opts.verify_tokens)
     served = served_model(version_dir, config, filename)
     quality: dict[str, Any]
     if checkpoint is not None:

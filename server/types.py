@@ -128,11 +128,6 @@ class GenerateRequest:
         messages = tuple((m.role, m.content) for m in req.messages)
         return cls(req.model, req.prompt, SamplingParams.from_pb(req.parameters), messages)
 
-    @property
-    def text_length(self) -> int:
-        """Characters to tokenize: the prompt, or the conversation's contents."""
-        return len(self.prompt) + sum(len(content) for _, content in self.messages)
-
 
 @dataclasses.dataclass(slots=True)
 class Usage:

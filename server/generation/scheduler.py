@@ -221,7 +221,7 @@ class GenerationScheduler:
         cancelled) cancels the sequence, which leaves the batch at the next step boundary."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
         prepared = None
-        if request.text_length > LONG_PROMPT_CHARS or request.messages:
+        if request.messages or len(request.prompt) > LONG_PROMPT_CHARS:
             # Tokenizing a prompt of megabytes takes seconds, and so may rendering a conversation of many
             # messages: not on the event loop, which serves everyone.
             prepared = await asyncio.to_thread(self.model.prepare, request)

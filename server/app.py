@@ -27,7 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from client.proto import inference_pb2, inference_pb2_grpc
+from client.proto import inference_pb2
 
 from .config import Settings
 from .errors import StartupError
@@ -35,13 +35,16 @@ from .metrics import Metrics
 from .models import ModelHub, load_model
 from .repository import scan
 from .servicers.inference import InferenceServicer
-from .servicers.status import Gate
+from .servicers.status import Gate, add_to_server
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the drain, how long gRPC's own stop lets calls that arrived meanwhile reach their handler (which refuses
+# them with UNAVAILABLE) before it cancels whatever is left.
+STOP_GRACE_SECONDS = 1.0
 
 
 def write_ready_file(path: Path, grpc_port: int, metrics_port: int) -> None:
@@ -87,9 +90,14 @@ async def serve(
             ("grpc.so_reuseport", 0),  # port 0 and a busy port must mean what they say
         ]
     )
-    hub, gate = ModelHub(loading=tuple(c.name for c in configs)), Gate()
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(hub, metrics, gate), server)
     health = HealthServicer()
+
+    def unhealthy(name: str) -> None:  # from a worker thread
+        asyncio.run_coroutine_threadsafe(health.set(name, NOT_SERVING), loop)
+
+    hub, gate = ModelHub(loading=tuple(c.name for c in configs), on_unhealthy=unhealthy), Gate()
+    servicer = InferenceServicer(hub, metrics, gate, settings.unread_stream_seconds)
+    add_to_server(servicer, inference_pb2.DESCRIPTOR.services_by_name["InferenceService"], server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -173,7 +181,9 @@ async def serve(
         idle.cancel()
         reason = "a second signal" if force.is_set() else "grace period over"
         log.warning("%s: cancelling %d requests still in flight", reason, gate.in_flight)
-    await server.stop(0)
+    # Not stop(0): a call that reached gRPC just now but whose handler has not run yet would be cancelled
+    # (CANCELLED, which retry policies do not retry); given a moment, its handler answers UNAVAILABLE.
+    await server.stop(0 if force.is_set() else STOP_GRACE_SECONDS)
     await hub.close()
     if httpd is not None:
         httpd.shutdown()

@@ -19,6 +19,12 @@ from .types import Classification, ClassifyRequest
 
 log = logging.getLogger(__name__)
 
+# A token covers at most this many characters (WordPiece reads a word of up to 100 characters; a longer one
+# is one [UNK]); a text is cut to max_sequence_length times this before tokenizing, since the rest would be
+# truncated anyway and tokenizing megabytes takes seconds and hundreds of MB. (Only a text of long whitespace
+# runs could lose tokens it would have kept.)
+MAX_CHARS_PER_TOKEN = 128
+
 # Splitting a batch into two session calls pays when it saves more padded tokens than this: the fixed cost
 # of one ONNX Runtime call, counted in tokens of compute (a rough figure for small encoders on a CPU).
 CALL_COST_TOKENS = 32
@@ -106,8 +112,10 @@ class ClassifierModel:
 
     def run(self, requests: list[ClassifyRequest]) -> list[list[Classification] | Exception]:
         """Classifies every text of every request in as few session calls as pays; one result per request."""
+        limit = self.config.max_sequence_length * MAX_CHARS_PER_TOKEN
         texts = [t for r in requests for t in r.texts]
-        encodings = self.tokenizer.encode_batch(texts)
+        cut = [len(t) > limit for t in texts]
+        encodings = self.tokenizer.encode_batch([t[:limit] for t in texts])
         results: list[list[Classification] | Exception] = []
         # Which texts run: a no_truncation request with a text over the limit fails alone, before compute.
         todo: list[int] = []
@@ -115,7 +123,7 @@ class ClassifierModel:
         for request in requests:
             span = range(start, start + len(request.texts))
             start = span.stop
-            too_long = [i - span.start for i in span if encodings[i].overflowing]
+            too_long = [i - span.start for i in span if cut[i] or encodings[i].overflowing]
             if request.no_truncation and too_long:
                 first = too_long[0]
                 results.append(
@@ -142,7 +150,7 @@ class ClassifierModel:
                 label=labels[k],
                 score=float(probabilities[row, k]),
                 probabilities=probabilities[row].tolist(),
-                truncated=bool(encodings[i].overflowing),
+                truncated=cut[i] or bool(encodings[i].overflowing),
                 num_tokens=len(encodings[i].ids),
             )
         start = 0

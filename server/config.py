@@ -111,6 +111,13 @@ class Settings:
             "stop sending new calls before the server refuses them"
         ),
     )
+    unread_stream_seconds: float = field(
+        default=30.0,
+        metadata=_help(
+            "a stream whose client reads nothing for this long ends with RESOURCE_EXHAUSTED (its sequence "
+            "freed): unread streams hold neither slots nor a graceful stop"
+        ),
+    )
     ready_file: Path | None = field(
         default=None, metadata=_help("write {grpc_port, metrics_port, pid} as JSON here once SERVING")
     )
@@ -210,6 +217,8 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--grace-seconds must be 0 or more")
     if not s.drain_delay_seconds >= 0:
         problems.append("--drain-delay-seconds must be 0 or more")
+    if not s.unread_stream_seconds > 0:
+        problems.append("--unread-stream-seconds must be more than 0")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         problems.append("--log-level must be DEBUG, INFO, WARNING or ERROR")
     if problems:

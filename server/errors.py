@@ -42,5 +42,17 @@ class DeadlineExceeded(ServeError):
     """The request's deadline passed before its work was done (for instance while it was queued)."""
 
 
+class OutOfMemory(ServeError):
+    """ONNX Runtime could not allocate memory for this batch (host or device); the model serves on."""
+
+
+class DeviceLost(ServeError):
+    """The model's device (GPU) failed in a way that leaves it unusable; the model stops serving."""
+
+
+class ModelFailure(ServeError):
+    """The model computed something unusable for this request (NaN logits); the message says what."""
+
+
 class StartupError(Exception):
     """The server cannot start (no models, an execution provider that is not active...); the message says why."""

@@ -34,8 +34,8 @@ class Metrics:
         )
         self.request_duration = Histogram(
             "nlpserve_request_duration_seconds",
-            "Time from arrival to the last response message.",
-            ["model", "method"],
+            "Time from arrival to the last response message (or the error), by gRPC status code.",
+            ["model", "method", "code"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -51,6 +51,13 @@ class Metrics:
             "Time of one batch (classifiers) or one decode step "
             "(generators), tokenization and sampling included.",
             ["model", "method"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.prefill_duration = Histogram(
+            "nlpserve_prefill_duration_seconds",
+            "Generators: time of one prefill (a batch of prompts of similar length), sampling included.",
+            ["model"],
             buckets=STEP_BUCKETS,
             registry=r,
         )
@@ -74,18 +81,22 @@ class Metrics:
             "nlpserve_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=r
         )
         self.generated_tokens = Counter(
-            "nlpserve_generated_tokens", "Tokens generated.", ["model"], registry=r
+            "nlpserve_generated_tokens",
+            "Tokens generated for clients (not those of a step whose client had gone).",
+            ["model"],
+            registry=r,
         )
         self.time_to_first_token = Histogram(
             "nlpserve_time_to_first_token_seconds",
-            "Time from arrival to the first generated token.",
+            "Time from arrival to the delivery of the first generated token to the front.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inter_token_latency = Histogram(
             "nlpserve_inter_token_latency_seconds",
-            "Time between two tokens of one sequence.",
+            "Time between the deliveries of two tokens of one sequence to the front (0 for tokens delivered "
+            "together, as when a slow client's tokens pile up).",
             ["model"],
             buckets=STEP_BUCKETS,
             registry=r,

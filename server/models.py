@@ -8,9 +8,10 @@ Open Inference Protocol front can sit on it too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .batching import DynamicBatcher
@@ -35,6 +36,7 @@ class ServedModel:
     classifier: ClassifierModel | None = None
     batcher: DynamicBatcher | None = None
     scheduler: GenerationScheduler | None = None
+    session: Session | None = None
     ready: bool = False
 
     @property
@@ -89,7 +91,7 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
         # Warm-up: the first runs of a session allocate memory and pick kernels; pay that before SERVING.
         for texts in (("warm up",), ("warm up " * 1000, "a") * 2):
             model.run([ClassifyRequest(config.name, texts)])
-        served = ServedModel(description, classifier=model, batcher=batcher)
+        served = ServedModel(description, classifier=model, batcher=batcher, session=session)
     else:
         active = int(_batching(config, settings, "max_active_sequences", 16))
         model = make_generator(config, session, active)
@@ -121,7 +123,7 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
                 [int(t) for t in logits.argmax(-1)], [len(p) + step for p in prompts], cache
             )
         cache.release()
-        served = ServedModel(description, scheduler=scheduler)
+        served = ServedModel(description, scheduler=scheduler, session=session)
     log.info(
         "model %s v%s (%s, %s, %s) warmed up in %.2fs",
         config.name,
@@ -138,14 +140,27 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
 class ModelHub:
     """The served models by name; what every front calls."""
 
-    def __init__(self, loading: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, loading: tuple[str, ...] = (), on_unhealthy: Callable[[str], None] | None = None
+    ) -> None:
         self.models: dict[str, ServedModel] = {}
         # Names of models still loading: requests for them get UNAVAILABLE, not NOT_FOUND.
         self.loading = set(loading)
+        # Told a model's name when its device fails (from a worker thread), so that its health turns NOT_SERVING.
+        self.on_unhealthy = on_unhealthy
 
     def add(self, served: ServedModel) -> None:
         self.models[served.name] = served
         self.loading.discard(served.name)
+        if served.session is not None:
+            served.session.on_device_lost = functools.partial(self.device_lost, served)
+
+    def device_lost(self, served: ServedModel) -> None:
+        """The model's device is unusable: it stops taking requests (UNAVAILABLE), the others serve on."""
+        served.ready = False
+        log.error("model %s: its device failed; it no longer serves (restart the server)", served.name)
+        if self.on_unhealthy is not None:
+            self.on_unhealthy(served.name)
 
     def start(self) -> None:
         """Starts the batchers and schedulers on the running event loop; the models are ready after this."""

@@ -8,16 +8,19 @@ stderr), so after creating a session we read ``session.get_providers()`` and tru
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
 
 from .config import Device, GraphOptimization
-from .errors import StartupError
+from .errors import DeviceLost, OutOfMemory, StartupError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -40,6 +43,40 @@ _NUMPY_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
+
+
+# ONNX Runtime raises one exception type for every failure; its message tells an allocation that failed (the
+# batch fails, the model serves on) from a device left unusable (every later call would fail too).
+_OUT_OF_MEMORY = (
+    "Failed to allocate memory",
+    "out of memory",
+    "bad_alloc",
+    "bad allocation",
+    "cudaErrorMemoryAllocation",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+)
+_DEVICE_LOST = (
+    "illegal memory access",
+    "cudaErrorIllegalAddress",
+    "unspecified launch failure",
+    "cudaErrorLaunchFailure",
+    "device-side assert",
+    "uncorrectable ECC",
+    "misaligned address",
+    "fallen off the bus",
+    "cudaErrorDevicesUnavailable",
+)
+
+
+def failure_of(exc: Exception) -> Exception:
+    """The core's exception for an error ONNX Runtime raised while running (the original when it is neither an
+    allocation failure nor a lost device)."""
+    message = str(exc)
+    if any(text in message for text in _DEVICE_LOST):
+        return DeviceLost("the model's device failed; this model no longer serves (the log has the details)")
+    if any(text in message for text in _OUT_OF_MEMORY):
+        return OutOfMemory("out of memory for this batch; retry with fewer or shorter inputs, or later")
+    return exc
 
 
 def requested_providers(device: Device) -> list[str]:
@@ -69,6 +106,7 @@ class Session:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         requested = requested_providers(device)
+        self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=requested)
         active = self.session.get_providers()
         self.provider = active[0]
@@ -93,6 +131,9 @@ class Session:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        # Called (from the worker thread) once the device is lost; the model hub turns the model NOT_SERVING.
+        self.on_device_lost: Callable[[], None] | None = None
+        self.lost = False
         log.info("loaded %s on %s (asked for %s)", path, self.provider, ", ".join(requested))
 
     def run(
@@ -104,7 +145,7 @@ class Session:
         """Runs the graph; returns the named outputs as host numpy arrays, except those in `keep`, which with IO
         binding stay where ONNX Runtime put them (an ``OrtValue`` on the device) to be fed back as they are."""
         if not self.io_binding:
-            return self.session.run(list(output_names), dict(feeds))
+            return self.guarded(self.session.run, list(output_names), dict(feeds))
         # On CUDA this path is UNVERIFIED (no GPU on the development machine); the tests run it on the CPU.
         binding = self.session.io_binding()
         for name, value in feeds.items():
@@ -115,6 +156,26 @@ class Session:
         for name in output_names:
             # What the caller reads on the host is copied there by ONNX Runtime; the rest stays on the device.
             binding.bind_output(name, self.device if name in keep else "cpu", 0)
-        self.session.run_with_iobinding(binding)
+        self.guarded(self.session.run_with_iobinding, binding)
         outputs = binding.get_outputs()
         return [v if name in keep else v.numpy() for name, v in zip(output_names, outputs)]
+
+    def guarded(self, run: Callable[..., T], *args: object) -> T:
+        """Calls `run(*args)` (a run of this session), turning ONNX Runtime's allocation failures into
+        OutOfMemory and a lost device into DeviceLost (and `on_device_lost`)."""
+        if self.lost:
+            raise DeviceLost("the model's device failed earlier; this model no longer serves")
+        try:
+            return run(*args)
+        except Exception as exc:
+            failure = failure_of(exc)
+            if failure is exc:
+                raise
+            if isinstance(failure, DeviceLost):
+                log.error("the device of %s failed: %s", self.path, exc)
+                self.lost = True
+                if self.on_device_lost is not None:
+                    self.on_device_lost()
+            else:
+                log.warning("%s: %s", self.path, str(exc).splitlines()[0][-300:])
+            raise failure from exc

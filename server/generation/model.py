@@ -68,6 +68,10 @@ class GeneratorModel:
             eos = [] if config.special_tokens.get("eos") is None else [config.special_tokens["eos"]]
         self.eos_ids: frozenset[int] = frozenset(int(e) for e in eos)
         self.chat_template = ChatTemplate.from_folder(config.path)
+        # No token covers more characters than the longest vocabulary entry, so a longer text cannot fit the
+        # context: it is refused before tokenizing (megabytes take seconds and hundreds of MB to tokenize).
+        longest_token = max(map(len, self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = self.context_length * max(1, longest_token)
         self.cache_dtype = session.input_types.get("past_key_values.0.key", np.float32)
         # Graphs that take `logits_positions` (docs/model-repository.md) compute logits for the last position
         # only; older exports return them for every position, and the last is picked here.
@@ -88,6 +92,12 @@ class GeneratorModel:
         elif not request.prompt:
             raise InvalidInput("prompt", "empty prompt")
         check_params(p, self.max_new_tokens)
+        chars = sum(len(m.content) for m in request.messages) if request.messages else len(request.prompt)
+        if chars > self.max_prompt_chars:
+            raise InvalidInput(
+                "messages" if request.messages else "prompt",
+                f"{chars} characters cannot fit the model's context of {self.context_length} tokens",
+            )
         max_new = p.max_new_tokens if p.max_new_tokens is not None else self.default_max_new_tokens
         if request.messages:
             # The template writes the special tokens itself (as transformers' apply_chat_template, which
@@ -190,7 +200,7 @@ class SharedBufferGenerator(GeneratorModel):
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits", "cpu")
-        self.session.session.run_with_iobinding(binding)
+        self.session.guarded(self.session.session.run_with_iobinding, binding)
         logits = binding.get_outputs()[-1].numpy()  # bound last, so listed last
         logits = logits[:, -1, : self.sampled_vocab_size]
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)

@@ -23,7 +23,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from ..errors import DeadlineExceeded, Overloaded, Unavailable
+import numpy as np
+
+from ..errors import DeadlineExceeded, ModelFailure, Overloaded, Unavailable
 from ..metrics import GENERATE, Metrics
 from ..types import FinishReason, GenerateRequest, GenerationChunk, Timings, Usage, join_chunks
 from .detokenize import IncrementalDetokenizer
@@ -54,7 +56,6 @@ class _Sequence:
     finished: bool = False  # its last chunk (or error) is on its way
     started: float = 0.0  # prefill start
     first_token: float = 0.0
-    last_token: float = 0.0
     position: int = 0  # position of the next token fed (real tokens so far)
     last_id: int = 0  # the token to feed at the next step
     generated: int = 0
@@ -70,6 +71,10 @@ class SequenceHandle:
     def __init__(self, scheduler: GenerationScheduler, seq: _Sequence) -> None:
         self._scheduler = scheduler
         self._seq = seq
+
+    @property
+    def arrival(self) -> float:
+        return self._seq.arrival
 
     def cancel(self) -> None:
         self._scheduler._cancel(self._seq)
@@ -153,6 +158,7 @@ class GenerationScheduler:
             self._m_batch = metrics.batch_size.labels(self.name, GENERATE)
             self._m_prompt = metrics.prompt_tokens.labels(self.name)
             self._m_generated = metrics.generated_tokens.labels(self.name)
+            self._m_prefill = metrics.prefill_duration.labels(self.name)
             self._m_ttft = metrics.time_to_first_token.labels(self.name)
             self._m_itl = metrics.inter_token_latency.labels(self.name)
 
@@ -226,6 +232,7 @@ class GenerationScheduler:
             # messages: not on the event loop, which serves everyone.
             prepared = await asyncio.to_thread(self.model.prepare, request)
         handle = self.submit(request, queue.put_nowait, deadline, prepared)
+        arrival, last = handle.arrival, 0.0
         try:
             while True:
                 chunks = [await queue.get()]
@@ -240,6 +247,8 @@ class GenerationScheduler:
                 error = chunks.pop() if isinstance(chunks[-1], BaseException) else None
                 if chunks:
                     chunk = chunks[0] if len(chunks) == 1 else join_chunks(chunks)
+                    if chunk.token_ids:
+                        last = self._delivered(len(chunk.token_ids), arrival, last)
                     yield chunk
                     if chunk.finish is not None:
                         return
@@ -251,6 +260,19 @@ class GenerationScheduler:
     async def generate(self, request: GenerateRequest, deadline: float | None = None) -> GenerationChunk:
         """The unary result: the stream's chunks joined."""
         return join_chunks([chunk async for chunk in self.stream(request, deadline)])
+
+    def _delivered(self, tokens: int, arrival: float, last: float) -> float:
+        """Observes time to first token and inter-token latency as the front receives `tokens` tokens (what its
+        client will see, joined chunks included: tokens that arrive together are 0 s apart); returns now."""
+        now = time.monotonic()
+        if self._m is not None:
+            if not last:
+                self._m_ttft.observe(now - arrival)
+            else:
+                self._m_itl.observe(now - last)
+            for _ in range(tokens - 1):
+                self._m_itl.observe(0.0)
+        return now
 
     def _cancel(self, seq: _Sequence) -> None:
         if seq.finished:
@@ -357,6 +379,7 @@ class GenerationScheduler:
                 self._m_queue_time.observe(now - seq.arrival)
             self._m_prompt.inc(sum(len(s.prepared.prompt_ids) for s in group))
         for chunk in prefill_chunks(group, self.model.vocab_size, not self.model.last_logits_only):
+            started = time.monotonic()
             try:
                 logits, cache = self.model.prefill([s.prepared.prompt_ids for s in chunk])
             except Exception as exc:  # fails the sequences of this prefill only
@@ -366,6 +389,8 @@ class GenerationScheduler:
             for seq in chunk:
                 seq.position = len(seq.prepared.prompt_ids)
             keep = self._accept(chunk, logits, events)
+            if self._m is not None:
+                self._m_prefill.observe(time.monotonic() - started)
             cache = cache.select(keep)  # frees what ended at its first token
             if keep:
                 self._cache = cache if self._cache is None else type(cache).join(self._cache, cache)
@@ -391,19 +416,28 @@ class GenerationScheduler:
             self._m_batch.observe(len(active))
 
     def _accept(self, seqs: list[_Sequence], logits, events: list[tuple[Sink, Event]]) -> list[int]:
-        """Samples each sequence's next token, emits its text; returns the rows that go on."""
+        """Samples each sequence's next token, emits its text; returns the rows that go on. A row whose logits
+        hold NaN or +inf has no next token (argmax would return garbage): that sequence fails alone."""
+        broken = ~(logits.max(axis=-1) < np.inf)  # one pass: max is NaN when any value is
+        if not broken.any():
+            return self._accept_rows(seqs, logits, events)
+        for row in np.flatnonzero(broken):
+            log.error("model %s: non-finite logits for a sequence at position %d", self.name, seqs[row].position)
+            seqs[row].finished = True
+            events.append((seqs[row].sink, ModelFailure("the model computed non-finite logits (NaN or inf)")))
+        good = np.flatnonzero(~broken)
+        kept = self._accept_rows([seqs[r] for r in good], logits[good], events)
+        return [int(good[r]) for r in kept]
+
+    def _accept_rows(self, seqs: list[_Sequence], logits, events: list[tuple[Sink, Event]]) -> list[int]:
         tokens, logprobs = sample_batch(logits, [s.sampler for s in seqs], [s.want_logprobs for s in seqs])
         now = time.monotonic()
         keep = []
         eos = self.model.eos_ids
+        generated = 0
         for row, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs)):
             if seq.generated == 0:
                 seq.first_token = now
-                if self._m is not None:
-                    self._m_ttft.observe(now - seq.arrival)
-            elif self._m is not None:
-                self._m_itl.observe(now - seq.last_token)
-            seq.last_token = now
             seq.generated += 1
             seq.last_id = token
             seq.pending_ids.append(token)
@@ -423,6 +457,7 @@ class GenerationScheduler:
                     finish = FinishReason.STOP if stopped else FinishReason.LENGTH
             if finish is None and seq.cancelled:
                 continue  # the client is gone: nothing to send, and the row leaves now
+            generated += 1
             if finish is not None or text:
                 chunk = GenerationChunk(
                     text, seq.pending_ids, seq.pending_logprobs if seq.want_logprobs else None
@@ -439,5 +474,5 @@ class GenerationScheduler:
             if finish is None:
                 keep.append(row)
         if self._m is not None:
-            self._m_generated.inc(len(seqs))
+            self._m_generated.inc(generated)
         return keep

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import grpc
 
 from client.proto import inference_pb2 as pb
-from client.proto import inference_pb2_grpc as pb_grpc
 
 from ..metrics import Metrics
 from ..models import ModelHub
@@ -18,13 +17,14 @@ from ..types import ClassifyRequest, GenerateRequest
 from .status import Call, Gate, stream, unary
 
 
-class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, hub: ModelHub, metrics: Metrics, gate: Gate) -> None:
+class InferenceServicer:
+    def __init__(self, hub: ModelHub, metrics: Metrics, gate: Gate, unread_timeout: float) -> None:
         self.hub = hub
         self.metrics = metrics
         self.gate = gate
+        self.unread_timeout = unread_timeout  # seconds a stream's client may read nothing
 
-    @unary("Classify")
+    @unary("Classify", pb.ClassifyRequest)
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, call: Call
     ) -> pb.ClassifyResponse:
@@ -33,7 +33,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         result = await self.hub.classify(served, ClassifyRequest.from_pb(request), call.deadline)
         return result.to_pb()
 
-    @unary("Generate")
+    @unary("Generate", pb.GenerateRequest)
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, call: Call
     ) -> pb.GenerateResponse:
@@ -42,7 +42,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         chunk = await self.hub.generate(served, GenerateRequest.from_pb(request), call.deadline)
         return chunk.to_pb(served.name, served.description.version)
 
-    @stream("GenerateStream")
+    @stream("GenerateStream", pb.GenerateRequest)
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, call: Call
     ) -> AsyncIterator[pb.GenerateResponse]:
@@ -54,13 +54,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             async for chunk in chunks:
                 yield chunk.to_pb(served.name, version)
 
-    @unary("ListModels")
+    @unary("ListModels", pb.ListModelsRequest)
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext, call: Call
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[m.description.to_pb(m.ready) for m in self.hub.models.values()])
 
-    @unary("GetModel")
+    @unary("GetModel", pb.GetModelRequest)
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext, call: Call
     ) -> pb.ModelInfo:

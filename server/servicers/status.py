@@ -16,11 +16,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
 
-from ..errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServeError, Unavailable
+from ..errors import (
+    DeadlineExceeded,
+    DeviceLost,
+    InvalidInput,
+    ModelFailure,
+    ModelNotFound,
+    OutOfMemory,
+    Overloaded,
+    ServeError,
+    Unavailable,
+)
 from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+class StreamUnread(ServeError):
+    """The client of a stream read nothing for too long (its sequence is cancelled, its slot freed)."""
+
 
 CODES: dict[type[ServeError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -28,6 +45,9 @@ CODES: dict[type[ServeError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeviceLost: grpc.StatusCode.UNAVAILABLE,
+    ModelFailure: grpc.StatusCode.INTERNAL,
 }
 INTERNAL_MESSAGE = "internal error (the server log has the details)"
 
@@ -58,11 +78,13 @@ class Gate:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def enter(self) -> None:
+    def enter(self) -> bool:
+        """Admits one RPC (True), or raises Unavailable while draining."""
         if self.draining:
             raise Unavailable("the server is shutting down")
         self.in_flight += 1
         self._idle.clear()
+        return True
 
     def leave(self) -> None:
         self.in_flight -= 1
@@ -85,8 +107,7 @@ def _start(method: str, context: grpc.aio.ServicerContext) -> Call:
 
 def _finish(metrics: Metrics, call: Call, code: grpc.StatusCode, started: float) -> None:
     metrics.requests.labels(call.model, call.method, code.name).inc()
-    if code is grpc.StatusCode.OK:
-        metrics.request_duration.labels(call.model, call.method).observe(time.monotonic() - started)
+    metrics.request_duration.labels(call.model, call.method, code.name).observe(time.monotonic() - started)
 
 
 def _cancelled_code(call: Call) -> grpc.StatusCode:
@@ -100,16 +121,21 @@ def _log_unexpected(call: Call, exc: BaseException) -> None:
         log.error("%s (model %r) failed", call.method, call.model, exc_info=exc)
 
 
-def unary(method: str) -> Callable:
-    """Wraps a unary servicer method ``f(self, request, context, call)``: admission, metrics, error mapping."""
+def unary(method: str, request_type: type[Message]) -> Callable:
+    """Wraps a unary servicer method ``f(self, request, context, call)``: admission, parsing, metrics, error
+    mapping. The handler receives the request's raw bytes (see `add_to_server`)."""
 
     def wrap(f: Callable[..., Awaitable[Any]]) -> Callable:
         @functools.wraps(f)
-        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handler(self: Any, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             started = time.monotonic()
             call = _start(method, context)
-            await _enter(self, call, context, started)
+            admitted = False
             try:
+                # The message first: a call answered before its message is read is reset, and the client
+                # sees CANCELLED instead of the answer (UNAVAILABLE while draining).
+                request = await _receive(requests, request_type)
+                admitted = self.gate.enter()
                 response = await f(self, request, context, call)
             except asyncio.CancelledError:
                 _finish(self.metrics, call, _cancelled_code(call), started)
@@ -120,20 +146,26 @@ def unary(method: str) -> Callable:
                 _finish(self.metrics, call, grpc.StatusCode.OK, started)
                 return response
             finally:
-                self.gate.leave()
+                if admitted:
+                    self.gate.leave()
 
+        handler.request_type = request_type
         return handler
 
     return wrap
 
 
-async def _enter(servicer: Any, call: Call, context: grpc.aio.ServicerContext, started: float) -> None:
-    """Admits the call through the drain gate, or ends it with UNAVAILABLE (counted)."""
+async def _receive(requests: AsyncIterator[bytes], request_type: type[Message]) -> Message:
+    """The call's one request message, parsed here rather than by gRPC: gRPC answers a message that does not
+    parse (invalid UTF-8 in a string, truncated bytes) with UNKNOWN and a traceback, uncounted, and a call whose
+    client half-closes without any message with no status at all."""
+    raw = await anext(aiter(requests), None)
+    if raw is None:
+        raise InvalidInput("request", "no request message (the client half-closed the call without one)")
     try:
-        servicer.gate.enter()
-    except Unavailable as exc:
-        _finish(servicer.metrics, call, grpc.StatusCode.UNAVAILABLE, started)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return request_type.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidInput("request", f"not a valid {request_type.DESCRIPTOR.name}: {exc}") from None
 
 
 async def _fail(
@@ -146,22 +178,33 @@ async def _fail(
     await context.abort(code, message)
 
 
-def stream(method: str) -> Callable:
-    """Wraps a server-streaming servicer method (an async generator ``f(self, request, context, call)``)."""
+def stream(method: str, request_type: type[Message]) -> Callable:
+    """Wraps a server-streaming servicer method (an async generator ``f(self, request, context, call)``); its
+    messages are written here, each within the servicer's `unread_timeout` seconds."""
 
     def wrap(f: Callable[..., AsyncIterator[Any]]) -> Callable:
         @functools.wraps(f)
-        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def handler(self: Any, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
             started = time.monotonic()
             call = _start(method, context)
-            await _enter(self, call, context, started)
+            admitted = False
             try:
+                request = await _receive(requests, request_type)  # first, as in `unary`
+                admitted = self.gate.enter()
                 # aclosing: when the client goes away, the inner generators close now (and cancel their
                 # sequence), not whenever the garbage collector finalizes them.
                 async with contextlib.aclosing(f(self, request, context, call)) as messages:
                     async for message in messages:
-                        yield message
-            except (asyncio.CancelledError, GeneratorExit):  # the client went away (or its deadline passed)
+                        await _write(context, message, self.unread_timeout)
+            except StreamUnread as exc:
+                # Not abort(): its status would wait behind the unread messages, and so would this handler.
+                # gRPC sends the status set here after the handler returns, when the client reads (or never:
+                # stopping the server cancels the call).
+                log.info("%s (model %r): %s; the stream ends", method, call.model, exc)
+                _finish(self.metrics, call, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
+                context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.set_details(str(exc))
+            except asyncio.CancelledError:  # the client went away (or its deadline passed)
                 _finish(self.metrics, call, _cancelled_code(call), started)
                 raise
             except Exception as exc:  # noqa: BLE001 - the one mapping of errors to status codes
@@ -169,8 +212,33 @@ def stream(method: str) -> Callable:
             else:
                 _finish(self.metrics, call, grpc.StatusCode.OK, started)
             finally:
-                self.gate.leave()
+                if admitted:
+                    self.gate.leave()
 
+        handler.request_type = request_type
         return handler
 
     return wrap
+
+
+async def _write(context: grpc.aio.ServicerContext, message: Message, timeout: float) -> None:
+    """Sends one message of a stream. A client that stops reading fills the HTTP/2 window, and the write then
+    waits: past `timeout` the stream ends, so that an unread stream holds neither a sequence slot nor a
+    graceful stop for long."""
+    try:
+        await asyncio.wait_for(context.write(message), timeout)
+    except TimeoutError:
+        raise StreamUnread(f"the client read nothing for {timeout:g}s") from None
+
+
+def add_to_server(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
+    """Registers the methods of `service` that `servicer` wraps with `unary` / `stream`. Every method takes its
+    requests as raw bytes on a client-streaming handler (the wire does not tell unary from client-streaming),
+    so that `_receive` decides what a missing or malformed message gets."""
+    handlers = {}
+    for method in service.methods:
+        fn = getattr(servicer, method.name)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        kind = grpc.stream_stream_rpc_method_handler if method.server_streaming else grpc.stream_unary_rpc_method_handler
+        handlers[method.name] = kind(fn, response_serializer=response_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

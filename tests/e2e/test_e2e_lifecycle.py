@@ -55,10 +55,11 @@ def test_metric_names_types_and_labels(srv, stub):
         families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
     expected = {
         "nlpserve_requests": ("counter", {"model", "method", "code"}),
-        "nlpserve_request_duration_seconds": ("histogram", {"model", "method"}),
+        "nlpserve_request_duration_seconds": ("histogram", {"model", "method", "code"}),
         "nlpserve_queue_duration_seconds": ("histogram", {"model", "method"}),
         "nlpserve_compute_duration_seconds": ("histogram", {"model", "method"}),
         "nlpserve_batch_size": ("histogram", {"model", "method"}),
+        "nlpserve_prefill_duration_seconds": ("histogram", {"model"}),
         "nlpserve_queue_depth": ("gauge", {"model"}),
         "nlpserve_active_sequences": ("gauge", {"model"}),
         "nlpserve_prompt_tokens": ("counter", {"model"}),

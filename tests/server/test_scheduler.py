@@ -174,6 +174,9 @@ def test_cancelled_sequence_leaves_at_the_next_step_and_frees_its_slot(scheduler
     _wait(lambda: sink.chunks and scheduler.active == 0)
     before = registry.get_sample_value("nlpserve_generated_tokens_total", {"model": "docgpt"})
     assert before < 100  # it stopped long before max_new_tokens
+    # Cancelled while its first chunk was delivered, before the next step: the token that step computed for it
+    # reached nobody and is not counted.
+    assert before == sum(len(c.token_ids) for c in sink.chunks)
     assert registry.get_sample_value("nlpserve_active_sequences", {"model": "docgpt"}) == 0
     assert not sink.done.is_set()  # a cancelled request gets no final chunk
     # The slot is usable again.

@@ -186,13 +186,16 @@ def test_import_local_checkpoints(tmp_path: Path, capsys) -> None:
     bert.save_pretrained(tmp_path / "bert")
     wordpiece.save(str(tmp_path / "bert" / "tokenizer.json"))
     held_out = tmp_path / "held_out.csv"
-    held_out.write_text("text,label\ngood film,glad\nawful food,sad\ngreat food,glad\n")
+    long = "a good film with great food and a good film with great food"  # 13 words: scored alone too
+    held_out.write_text(f"text,label\ngood film,glad\nawful food,sad\ngreat food,glad\n{long},glad\n")
     code, _, err = run(["classifier", "--import", str(tmp_path / "bert"), "--out", str(tmp_path / "m" / "imported"),
                         "--int8", "--data", str(held_out)], capsys)
     assert code == 0, err
     config = json.loads((tmp_path / "m" / "imported" / "1" / "config.json").read_text())
     assert config["labels"] == ["sad", "meh", "glad"]
-    assert config["quality"]["eval"]["examples"] == 3  # all of --data is held out: nothing is trained
+    assert config["quality"]["eval"]["examples"] == 4  # all of --data is held out: nothing is trained
+    assert config["quality"]["eval"]["examples_10_words"] == 1
+    assert config["quality"]["eval"]["accuracy_10_words"] in (0.0, 1.0)
     assert "training" not in config["provenance"]
     assert config["quality"]["parity"]["fp32"]["max_abs_diff"] <= 1e-4
     assert config["onnx"]["variants"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}

@@ -92,7 +92,7 @@ class GeneratorModel:
         elif not request.prompt:
             raise InvalidInput("prompt", "empty prompt")
         check_params(p, self.max_new_tokens)
-        chars = sum(len(m.content) for m in request.messages) if request.messages else len(request.prompt)
+        chars = sum(len(content) for _, content in request.messages) if request.messages else len(request.prompt)
         if chars > self.max_prompt_chars:
             raise InvalidInput(
                 "messages" if request.messages else "prompt",

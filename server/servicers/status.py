@@ -132,9 +132,7 @@ def unary(method: str, request_type: type[Message]) -> Callable:
             call = _start(method, context)
             admitted = False
             try:
-                # The message first: a call answered before its message is read is reset, and the client
-                # sees CANCELLED instead of the answer (UNAVAILABLE while draining).
-                request = await _receive(requests, request_type)
+                request = await _receive(requests, request_type)  # a malformed call is refused as such
                 admitted = self.gate.enter()
                 response = await f(self, request, context, call)
             except asyncio.CancelledError:
@@ -149,7 +147,6 @@ def unary(method: str, request_type: type[Message]) -> Callable:
                 if admitted:
                     self.gate.leave()
 
-        handler.request_type = request_type
         return handler
 
     return wrap
@@ -215,7 +212,6 @@ def stream(method: str, request_type: type[Message]) -> Callable:
                 if admitted:
                     self.gate.leave()
 
-        handler.request_type = request_type
         return handler
 
     return wrap
@@ -226,7 +222,8 @@ async def _write(context: grpc.aio.ServicerContext, message: Message, timeout: f
     waits: past `timeout` the stream ends, so that an unread stream holds neither a sequence slot nor a
     graceful stop for long."""
     try:
-        await asyncio.wait_for(context.write(message), timeout)
+        async with asyncio.timeout(timeout):  # no task per message, unlike wait_for
+            await context.write(message)
     except TimeoutError:
         raise StreamUnread(f"the client read nothing for {timeout:g}s") from None
 
@@ -239,6 +236,9 @@ def add_to_server(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Se
     for method in service.methods:
         fn = getattr(servicer, method.name)
         response_type = message_factory.GetMessageClass(method.output_type)
-        kind = grpc.stream_stream_rpc_method_handler if method.server_streaming else grpc.stream_unary_rpc_method_handler
-        handlers[method.name] = kind(fn, response_serializer=response_type.SerializeToString)
+        if method.server_streaming:
+            handler = grpc.stream_stream_rpc_method_handler(fn, response_serializer=response_type.SerializeToString)
+        else:
+            handler = grpc.stream_unary_rpc_method_handler(fn, response_serializer=response_type.SerializeToString)
+        handlers[method.name] = handler
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -9,6 +9,13 @@ It needs only grpcio and protobuf. Results are typed dataclasses; every failed c
         print(c.generate("Return the", max_new_tokens=16).text)
 """
 
+import os
+
+# gRPC's C core prints some events (a failed TLS handshake) on stderr at INFO level, next to the one-line error
+# the client raises: keep to its errors unless the program says otherwise. It only takes effect before grpc is
+# first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from ._requests import DEFAULT_TARGET
 from .aio import AsyncClient
 from .errors import ServerError

@@ -13,6 +13,7 @@ from . import _requests as req
 from .errors import ServerError
 from .proto import inference_pb2 as pb
 from .proto import inference_pb2_grpc as pb_grpc
+from .sync import Pem, auth_metadata, channel_credentials, channel_options
 from .types import ClassifyResult, Generation, GenerationChunk, ModelInfo
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ class AsyncClient:
         timeout: The default deadline of every call, in seconds; None waits as long as the call takes.
         channel: An existing `grpc.aio.Channel` to use instead of opening one; it is not closed by `close()`.
         options: gRPC channel options, e.g. `[("grpc.max_receive_message_length", 64 << 20)]`.
+        tls_ca, tls_cert, tls_key, tls, tls_server_name, api_key: TLS, mTLS and the API key, as for `Client`
+            (the files are read at once).
     """
 
     def __init__(
@@ -48,11 +51,19 @@ class AsyncClient:
         *,
         channel: grpc.aio.Channel | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        tls: bool = False,
+        tls_server_name: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._metadata = auth_metadata(api_key)
+        self._credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
         self._own_channel = channel is None
-        self._options = list(options)
+        self._options = channel_options(options, tls_server_name)
         self._channel: grpc.aio.Channel | None = None
         if channel is not None:
             self._connect(channel)
@@ -69,7 +80,10 @@ class AsyncClient:
     def _connected(self) -> None:
         # A grpc.aio channel belongs to the event loop it is created in: create it in the running loop.
         if self._channel is None:
-            self._connect(grpc.aio.insecure_channel(self.target, options=self._options))
+            if self._credentials is not None:
+                self._connect(grpc.aio.secure_channel(self.target, self._credentials, options=self._options))
+            else:
+                self._connect(grpc.aio.insecure_channel(self.target, options=self._options))
 
     @property
     def _stub(self) -> pb_grpc.InferenceServiceStub:
@@ -98,7 +112,7 @@ class AsyncClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self._timeout(timeout))
+            return await method(request, timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as e:
             raise ServerError.from_rpc_error(e) from e
 
@@ -204,7 +218,7 @@ class AsyncClient:
                 yield chunk
 
     async def _stream(self, request: Any, timeout: float | None) -> AsyncIterator[GenerationChunk]:
-        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout))
+        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout), metadata=self._metadata)
         try:
             async for message in call:
                 yield GenerationChunk.from_pb(message)

@@ -1,6 +1,7 @@
 """The nlpserve command line: `nlpserve ...` or `python -m client ...`.
 
-    nlpserve [--target HOST:PORT] [--timeout S] [--json] models [NAME]
+    nlpserve [--target HOST:PORT] [--timeout S] [--json] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]
+             [--api-key KEY] models [NAME]
     nlpserve health [SERVICE]
     nlpserve classify [--model NAME] [--embedding] [--no-truncation] TEXT...
     nlpserve generate [--model NAME] PROMPT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
@@ -26,10 +27,13 @@ import grpc
 
 from ._requests import DEFAULT_TARGET
 from .errors import ServerError
-from .sync import Client
+from .sync import API_KEY_ENV, Client, auth_metadata, read_pem
 from .types import ClassifyResult, Generation, GenerationChunk, ModelInfo, ModelKind
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# The CA file can come from the environment (a container's health check, say); the client certificate and key
+# cannot: NLPSERVE_TLS_CERT and NLPSERVE_TLS_KEY are the server's own settings.
+TLS_CA_ENV = "NLPSERVE_TLS_CA"
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
 
@@ -104,6 +108,43 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         default=argparse.SUPPRESS,
         help="machine-readable output: one JSON object (one per line for a stream)",
+    )
+    common.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"TLS, trusting the CA certificate(s) in FILE, PEM (default: ${TLS_CA_ENV})",
+    )
+    common.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="mTLS: the client certificate (PEM), with --tls-key",
+    )
+    common.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="mTLS: the client certificate's key (PEM)",
+    )
+    common.add_argument(
+        "--tls",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="TLS, trusting the system's root certificates",
+    )
+    common.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="the name the server's certificate must hold, when not the target's host",
+    )
+    common.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=argparse.SUPPRESS,
+        help=f"sent as `authorization: Bearer KEY` (default: ${API_KEY_ENV}, which, unlike a flag, `ps` does "
+        "not show)",
     )
 
     parser = _Parser(
@@ -312,7 +353,10 @@ def format_stats(last: Generation | GenerationChunk) -> str:
 def format_error(error: ServerError, target: str) -> str:
     """The one line printed for a failed call: `error: CODE: message`."""
     details = error.details
-    if error.code == grpc.StatusCode.UNAVAILABLE and _is_transport_failure(details):
+    if error.code == grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
+        # A certificate the client does not trust (wrong CA, expired, another name), or TLS to a plaintext port.
+        details = f"TLS handshake with the server at {target} failed ({details})"
+    elif error.code == grpc.StatusCode.UNAVAILABLE and _is_transport_failure(details):
         details = f"cannot reach the server at {target} ({details})"
     return f"error: {error.code.name}: {details}" if details else f"error: {error.code.name}"
 
@@ -499,6 +543,41 @@ def _text_line(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    """The Client's TLS and API key arguments, the files read here so that an error names the flag."""
+    connection: dict[str, Any] = {
+        "tls": getattr(args, "tls", False),
+        "tls_server_name": getattr(args, "tls_server_name", None),
+    }
+    paths = {
+        "tls_ca": getattr(args, "tls_ca", None),
+        "tls_cert": getattr(args, "tls_cert", None),
+        "tls_key": getattr(args, "tls_key", None),
+    }
+    flags = {name: "--" + name.replace("_", "-") for name in paths}
+    if paths["tls_ca"] is None and os.environ.get(TLS_CA_ENV):
+        paths["tls_ca"], flags["tls_ca"] = os.environ[TLS_CA_ENV], f"${TLS_CA_ENV}"
+    if (paths["tls_cert"] is None) != (paths["tls_key"] is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    for name, path in paths.items():
+        if path is None:
+            continue
+        flag = flags[name]
+        try:
+            connection[name] = read_pem(path, flag)
+        except OSError as e:
+            raise UsageError(f"{flag} {path}: {e.strerror or e}") from e
+        except ValueError as e:
+            raise UsageError(f"{flag} {path}: no PEM data in it") from e
+    api_key = getattr(args, "api_key", None)
+    try:
+        auth_metadata(api_key)
+    except ValueError:
+        raise UsageError(f"--api-key (or ${API_KEY_ENV}): must be printable ASCII without spaces") from None
+    connection["api_key"] = api_key
+    return connection
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -523,7 +602,12 @@ def main(
     target = getattr(args, "target", None) or os.environ.get("NLPSERVE_TARGET") or DEFAULT_TARGET
     timeout = getattr(args, "timeout", None)
     try:
-        with Client(target, timeout=timeout) as client:
+        connection = _connection(args)
+    except UsageError as e:
+        print(f"error: {e}", file=err)
+        return EXIT_USAGE
+    try:
+        with Client(target, timeout=timeout, **connection) as client:
             if args.command == "models":
                 return run_models(client, args, out)
             if args.command == "health":

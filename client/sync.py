@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -15,6 +17,54 @@ from .types import ClassifyResult, Generation, GenerationChunk, ModelInfo
 
 if TYPE_CHECKING:
     from typing import Self
+
+API_KEY_ENV = "NLPSERVE_API_KEY"
+
+# A PEM file's path, or its contents.
+Pem = str | os.PathLike[str] | bytes
+
+
+def read_pem(value: Pem, what: str) -> bytes:
+    """The PEM data of `value` (a path, or the bytes themselves). Raises OSError (unreadable file) or ValueError
+    (no PEM data), naming `what`."""
+    data = bytes(value) if isinstance(value, bytes | bytearray) else Path(value).read_bytes()
+    if b"-----BEGIN " not in data:
+        source = "the bytes given" if isinstance(value, bytes | bytearray) else str(value)
+        raise ValueError(f"{what}: no PEM data in {source}")
+    return data
+
+
+def channel_credentials(
+    tls: bool, tls_ca: Pem | None, tls_cert: Pem | None, tls_key: Pem | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials (None: a plaintext channel). Any of the files turns TLS on; `tls` alone trusts the
+    system's root certificates."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together (a client certificate and its key)")
+    if not (tls or tls_ca is not None or tls_cert is not None):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem(tls_ca, "tls_ca") if tls_ca is not None else None,
+        private_key=read_pem(tls_key, "tls_key") if tls_key is not None else None,
+        certificate_chain=read_pem(tls_cert, "tls_cert") if tls_cert is not None else None,
+    )
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries: `authorization: Bearer KEY` (None: $NLPSERVE_API_KEY, if set)."""
+    key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+    if not key:
+        return ()
+    if not all("!" <= c <= "~" for c in key):  # what gRPC metadata and "Bearer KEY" can carry
+        raise ValueError("api_key: must be printable ASCII without spaces")
+    return (("authorization", f"Bearer {key}"),)
+
+
+def channel_options(options: Sequence[tuple[str, Any]], tls_server_name: str | None) -> list[tuple[str, Any]]:
+    # The name the server's certificate must hold, when it differs from the target's host (an IP address, a
+    # name inside a container network).
+    extra = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+    return [*options, *extra]
 
 
 class Client:
@@ -33,9 +83,22 @@ class Client:
     Args:
         target: The server's address, "HOST:PORT".
         timeout: The default deadline of every call, in seconds; None waits as long as the call takes.
-        channel: An existing channel to use instead of opening one (for TLS or custom options); it is not
-            closed by `close()`.
+        channel: An existing channel to use instead of opening one (custom credentials or options); it is
+            not closed by `close()`. The TLS arguments do not apply to it; `api_key` does.
         options: gRPC channel options, e.g. `[("grpc.max_receive_message_length", 64 << 20)]`.
+        tls_ca: TLS: the CA certificate(s) that signed the server's certificate, PEM (a path, or the bytes).
+            Any TLS argument turns TLS on.
+        tls_cert: mTLS: the client's certificate chain, PEM (a path or the bytes); with `tls_key`.
+        tls_key: mTLS: the private key of `tls_cert`, PEM (a path or the bytes).
+        tls: TLS trusting the system's root certificates (no `tls_ca` needed).
+        tls_server_name: The name to check the server's certificate against, when it is not the target's host.
+        api_key: Sent as `authorization: Bearer KEY` with every call. None (the default) takes the environment
+            variable NLPSERVE_API_KEY when it is set; "" sends no key.
+
+    Raises:
+        OSError: A TLS file cannot be read.
+        ValueError: A TLS argument holds no PEM data, `tls_cert` comes without `tls_key` (or the reverse), or
+            the API key cannot be sent (not printable ASCII, or with spaces).
     """
 
     def __init__(
@@ -45,13 +108,26 @@ class Client:
         *,
         channel: grpc.Channel | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        tls: bool = False,
+        tls_server_name: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._metadata = auth_metadata(api_key)
+        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
         self._own_channel = channel is None
-        self._channel = (
-            channel if channel is not None else grpc.insecure_channel(target, options=list(options))
-        )
+        if channel is None:
+            opts = channel_options(options, tls_server_name)
+            channel = (
+                grpc.secure_channel(target, credentials, options=opts)
+                if credentials is not None
+                else grpc.insecure_channel(target, options=opts)
+            )
+        self._channel = channel
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             req.HEALTH_CHECK_METHOD,
@@ -75,7 +151,7 @@ class Client:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self._timeout(timeout))
+            return method(request, timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as e:
             raise ServerError.from_rpc_error(e) from e
 
@@ -221,7 +297,7 @@ class Client:
         return self._stream(req.chat_request(messages, model, **params), timeout)
 
     def _stream(self, request: Any, timeout: float | None) -> Iterator[GenerationChunk]:
-        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout))
+        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout), metadata=self._metadata)
         try:
             for message in call:
                 yield GenerationChunk.from_pb(message)

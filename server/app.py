@@ -34,6 +34,7 @@ from .errors import StartupError
 from .metrics import Metrics
 from .models import ModelHub, load_model
 from .repository import scan
+from .security import api_key_interceptors, load_tls
 from .servicers.inference import InferenceServicer
 from .servicers.status import Gate, add_to_server
 
@@ -66,6 +67,14 @@ async def serve(
     """
     configs = scan(settings.models)  # a bad repository fails before any port opens
     metrics = Metrics(registry)
+    # So do bad TLS files and API keys. A call refused for its key is counted like any other.
+    tls = load_tls(settings)
+    interceptors = api_key_interceptors(
+        settings,
+        os.environ,
+        tls_on=tls is not None,
+        on_refused=lambda method: metrics.requests.labels("", method, "UNAUTHENTICATED").inc(),
+    )
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,18 +86,24 @@ async def serve(
     metrics_port, httpd = -1, None
     if settings.metrics_port >= 0:
         try:
-            httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+            httpd, _ = start_http_server(
+                settings.metrics_port,
+                addr=settings.host,
+                registry=metrics.registry,
+                **(tls.http_server_args() if tls is not None else {}),
+            )
         except OSError as exc:
             raise StartupError(f"--metrics-port {settings.metrics_port}: {exc.strerror or exc}") from exc
         metrics_port = httpd.server_port
 
     limit = settings.max_message_bytes
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),  # port 0 and a busy port must mean what they say
-        ]
+        ],
     )
     health = HealthServicer()
 
@@ -107,7 +122,11 @@ async def serve(
     for name in services:
         await health.set(name, NOT_SERVING)
     try:
-        grpc_port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        if tls is not None:
+            grpc_port = server.add_secure_port(address, tls.grpc_credentials())
+        else:
+            grpc_port = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
         grpc_port = 0
         log.debug("bind failed: %s", exc)

@@ -122,6 +122,33 @@ class Settings:
         default=None, metadata=_help("write {grpc_port, metrics_port, pid} as JSON here once SERVING")
     )
     log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
+    # TLS and API keys (server/security.py). The keys themselves never come from a flag, whose value would
+    # show in `ps`: from --api-keys-file or the environment variable NLPSERVE_API_KEYS.
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=_help("TLS on the gRPC and metrics ports: the server's certificate chain (PEM)"),
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=_help("the private key of --tls-cert (PEM, unencrypted)")
+    )
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=_help("mTLS: require client certificates signed by one of these CA certificates (PEM)"),
+    )
+    api_keys_file: Path | None = field(
+        default=None,
+        metadata=_help(
+            "require `authorization: Bearer KEY` on every call, KEY one of this file's lines (blank lines "
+            "and # comments ignored); keys can also come from NLPSERVE_API_KEYS (comma-separated)"
+        ),
+    )
+    open_services: str = field(
+        default="grpc.health.v1.Health",
+        metadata=_help(
+            "with API keys: the gRPC services callable without a key, full names, comma-separated ('none': "
+            "every service needs one); the metrics port never needs a key"
+        ),
+    )
 
 
 def _flag(name: str) -> str:
@@ -152,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m server",
         description="The nlpserve gRPC model server. Every flag can also be set with an environment variable "
         f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}METRICS_PORT=9000); flags win over the environment.",
+        # No abbreviations: `--api-keys SECRET` would otherwise be taken for --api-keys-file, and the "file
+        # name" (the key) echoed in the error.
+        allow_abbrev=False,
     )
     for opt in dataclasses.fields(Settings):
         conv = _converter(opt)
@@ -221,5 +251,9 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--unread-stream-seconds must be more than 0")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         problems.append("--log-level must be DEBUG, INFO, WARNING or ERROR")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        problems.append("--tls-cert and --tls-key go together")
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        problems.append("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS with client certs)")
     if problems:
         parser.error("; ".join(problems))

@@ -13,6 +13,9 @@ service `server`), so `docker compose up --scale server=N` is followed without a
     python health_agent.py --replicas server:50051 --upstream-file /etc/nginx/upstream/nlpserve.conf \
         --nginx-pid-file /run/nginx/nginx.pid
 
+With TLS on the replicas (docker-compose.tls.yml), `--tls-ca FILE --tls-server-name server`: the replicas are
+reached by IP address, so their certificate is checked against the service's name instead.
+
 It needs grpcio and grpcio-health-checking only (the nlpserve image has both).
 """
 
@@ -52,13 +55,19 @@ def discover(replicas: list[str]) -> list[str]:
 class HealthChecker:
     """One channel per replica, kept between rounds (a replica is checked every `interval` seconds)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, tls_ca: Path | None = None, tls_server_name: str | None = None) -> None:
         self.timeout = timeout
+        self._credentials = grpc.ssl_channel_credentials(tls_ca.read_bytes()) if tls_ca else None
+        self._options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
         self._stubs: dict[str, tuple[grpc.Channel, health_pb2_grpc.HealthStub]] = {}
 
     def serving(self, address: str) -> bool:
         if address not in self._stubs:
-            channel = grpc.insecure_channel(address)
+            channel = (
+                grpc.secure_channel(address, self._credentials, options=self._options)
+                if self._credentials is not None
+                else grpc.insecure_channel(address)
+            )
             self._stubs[address] = (channel, health_pb2_grpc.HealthStub(channel))
         try:
             reply = self._stubs[address][1].Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
@@ -113,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds between two rounds of health checks")
     parser.add_argument("--timeout", type=float, default=float(env("AGENT_TIMEOUT", "1.0")),
                         help="deadline of one health check")
+    parser.add_argument("--tls-ca", type=Path, default=env("AGENT_TLS_CA"),
+                        help="TLS to the replicas, trusting this CA certificate (PEM)")
+    parser.add_argument("--tls-server-name", default=env("AGENT_TLS_SERVER_NAME"),
+                        help="the name the replicas' certificate holds (they are reached by IP address)")
     parser.add_argument("--once", action="store_true", help="one round, then exit")
     parser.add_argument("--log-level", default=env("AGENT_LOG_LEVEL", "INFO"))
     return parser.parse_args(argv)
@@ -122,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    checker = HealthChecker(args.timeout)
+    checker = HealthChecker(args.timeout, args.tls_ca, args.tls_server_name)
     current = args.upstream_file.read_text() if args.upstream_file.exists() else None
     while True:
         addresses = discover(args.replicas)

@@ -49,6 +49,13 @@ def test_settings_are_frozen():
         (["--models", "m", "--max-batch-size", "0"], {}, "--max-batch-size must be at least 1"),
         (["--models", "m", "--port", "70000"], {}, "--port"),
         (["--models", "m", "--max-queue-delay-ms", "-1"], {}, "--max-queue-delay-ms"),
+        (["--models", "m", "--tls-key", "k.pem"], {}, "--tls-cert and --tls-key go together"),
+        (["--models", "m"], {"NLPSERVE_TLS_CERT": "c.pem"}, "--tls-cert and --tls-key go together"),
+        (
+            ["--models", "m", "--tls-client-ca", "ca.pem"],
+            {},
+            "--tls-client-ca needs --tls-cert and --tls-key",
+        ),
     ],
 )
 def test_bad_settings_exit_with_a_message(argv, env, message, capsys):
@@ -56,3 +63,27 @@ def test_bad_settings_exit_with_a_message(argv, env, message, capsys):
         load_settings(argv, env)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_tls_and_api_key_settings():
+    s = load_settings(["--models", "m"], {})
+    assert (s.tls_cert, s.tls_key, s.tls_client_ca, s.api_keys_file) == (None, None, None, None)
+    assert s.open_services == "grpc.health.v1.Health"  # health open by default, once keys are on
+    env = {
+        "NLPSERVE_TLS_CERT": "/run/secrets/cert.pem",
+        "NLPSERVE_TLS_KEY": "/run/secrets/key.pem",
+        "NLPSERVE_API_KEYS_FILE": "/run/secrets/keys",
+        # The keys themselves: read by server/security.py, never a setting (no flag shows them in `ps`).
+        "NLPSERVE_API_KEYS": "k1,k2",
+    }
+    s = load_settings(["--models", "m", "--tls-client-ca", "ca.pem", "--open-services", "none"], env)
+    assert s.tls_cert == Path("/run/secrets/cert.pem") and s.tls_key == Path("/run/secrets/key.pem")
+    assert s.tls_client_ca == Path("ca.pem") and s.api_keys_file == Path("/run/secrets/keys")
+    assert s.open_services == "none"
+    assert not any("k1" in str(value) for value in vars(s).values())
+
+
+def test_no_flag_takes_an_api_key(capsys):
+    with pytest.raises(SystemExit):
+        load_settings(["--models", "m", "--api-keys", "k1"], {})
+    assert "unrecognized arguments: --api-keys" in capsys.readouterr().err

@@ -16,6 +16,8 @@ from .conftest import ROOT, venv_tool
 DOCKERFILE = ROOT / "Dockerfile"
 GPU_FILES = ("-f", "docker-compose.yml")
 CPU_FILES = ("-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml")
+TLS_FILES = ("-f", "docker-compose.yml", "-f", "docker-compose.tls.yml")
+CPU_TLS_FILES = (*CPU_FILES, "-f", "docker-compose.tls.yml")
 
 
 def stages(dockerfile: str) -> dict[str, list[str]]:
@@ -110,7 +112,9 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies():
 # docker compose
 
 
-@pytest.mark.parametrize("files", [GPU_FILES, CPU_FILES], ids=["gpu", "cpu"])
+@pytest.mark.parametrize(
+    "files", [GPU_FILES, CPU_FILES, TLS_FILES, CPU_TLS_FILES], ids=["gpu", "cpu", "tls", "cpu-tls"]
+)
 def test_compose_config_is_valid(docker_compose, files):
     result = docker_compose(*files, "config", "-q")
     assert result.returncode == 0, result.stderr
@@ -183,3 +187,24 @@ def test_models_dir_is_configurable(docker_compose, tmp_path: Path):
     assert result.returncode == 0, result.stderr
     volumes = json.loads(result.stdout)["services"]["server"]["volumes"]
     assert any(v["source"] == str(tmp_path) and v["target"] == "/models" for v in volumes)
+
+
+def test_grafana_has_no_default_password_nor_anonymous_viewers(docker_compose):
+    grafana = merged(docker_compose, GPU_FILES)["services"]["grafana"]
+    env = grafana["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env  # a value would show in `docker inspect`
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana-admin-password"
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert [s["source"] for s in grafana["secrets"]] == ["grafana-admin-password"]
+
+
+def test_tls_overlay_turns_tls_and_keys_on_from_secret_files(docker_compose):
+    services = merged(docker_compose, TLS_FILES)["services"]
+    env = services["server"]["environment"]
+    assert env["NLPSERVE_TLS_CERT"].startswith("/run/secrets/")
+    assert env["NLPSERVE_TLS_KEY"].startswith("/run/secrets/")
+    assert env["NLPSERVE_API_KEYS_FILE"].startswith("/run/secrets/")
+    assert not any("KEYS=" in str(v) for v in env.values())  # keys come from a file, never a value
+    assert "--tls-ca=/run/secrets/nlpserve-tls-ca" in services["lb-agent"]["command"]
+    mounts = {v["source"] for v in services["nginx"]["volumes"] if v["type"] == "bind"}
+    assert str(ROOT / "deploy/nginx/nginx-tls.conf") in mounts

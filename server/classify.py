@@ -126,13 +126,12 @@ class ClassifierModel:
             too_long = [i - span.start for i in span if cut[i] or encodings[i].overflowing]
             if request.no_truncation and too_long:
                 first = too_long[0]
-                results.append(
-                    InvalidInput(
-                        f"texts[{first}]",
-                        f"longer than the model's limit of {self.config.max_sequence_length} tokens "
-                        "(no_truncation is set)",
-                    )
+                problem = (
+                    f"{len(texts[span.start + first])} characters, more than the {limit} this model reads"
+                    if cut[span.start + first]
+                    else f"longer than the model's limit of {self.config.max_sequence_length} tokens"
                 )
+                results.append(InvalidInput(f"texts[{first}]", f"{problem} (no_truncation is set)"))
             else:
                 results.append([])
                 todo.extend(span)

@@ -9,9 +9,12 @@ SHOWN_CHARACTERS = 64
 def shown(text: str, limit: int = SHOWN_CHARACTERS) -> str:
     """`text` quoted for a message, cut to `limit` characters: never echo unbounded input (a 9 KB model name no
     longer fits the client's metadata limit, and the client would see RESOURCE_EXHAUSTED instead of the error)."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    quoted = repr(text[:limit])
+    if len(quoted) > 2 * limit:  # escapes (control or unassigned characters) can widen a character tenfold
+        quoted = quoted[: 2 * limit] + "'"
+    if len(text) <= limit and len(quoted) == len(repr(text)):
+        return quoted
+    return f"{quoted}... ({len(text)} characters)"
 
 
 class ServeError(Exception):

@@ -156,7 +156,13 @@ async def _receive(requests: AsyncIterator[bytes], request_type: type[Message]) 
     """The call's one request message, parsed here rather than by gRPC: gRPC answers a message that does not
     parse (invalid UTF-8 in a string, truncated bytes) with UNKNOWN and a traceback, uncounted, and a call whose
     client half-closes without any message with no status at all."""
-    raw = await anext(aiter(requests), None)
+    # gRPC's request iterator is an async generator that its receiver object holds and that holds the receiver
+    # (a reference cycle): left suspended, its frame keeps the last message's bytes until a full garbage collection.
+    messages = aiter(requests)
+    try:
+        raw = await anext(messages, None)
+    finally:
+        await messages.aclose()
     if raw is None:
         raise InvalidInput("request", "no request message (the client half-closed the call without one)")
     try:
@@ -171,6 +177,9 @@ async def _fail(
     """Ends the call with the status `exc` maps to (counted; an unexpected error is logged)."""
     code, message = status_of(exc)
     _log_unexpected(call, exc)
+    # Logged: the traceback's frames (which hold the request) would otherwise live on in a reference cycle
+    # through the abort's exception context until the next full garbage collection.
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
     _finish(servicer.metrics, call, code, started)
     await context.abort(code, message)
 

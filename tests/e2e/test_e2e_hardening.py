@@ -28,9 +28,12 @@ SERVICE = "/nlpserve.v1.InferenceService/"
 POISONED_POSITION = 100  # docgpt (context 128) computes NaN from this position on
 UNREAD_SECONDS = 1
 BIG = 3_900_000  # characters: just under the 4 MB message limit
-# A client receive window of 1 KB that never grows: the server's writes block soon, as they do after 64 KB for a
-# client that stopped reading.
-SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+# A client receive window of 256 bytes that never grows: the server's writes block soon, as they do after 64 KB
+# for a client that stopped reading. Soon enough for a held stream (held_stream(): 90 tokens and their
+# log-probabilities, about 700 bytes even when the server joins them all into one message, as it does when its
+# event loop falls behind on a loaded machine; without log-probabilities, 90 tokens joined are about 320 bytes,
+# which a 1 KB window let through: the stream then ended OK, unread, and nothing was held).
+SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 256), ("grpc.http2.bdp_probe", 0)]
 
 
 def poison(repo: Path, out: Path) -> Path:
@@ -71,6 +74,13 @@ def generate(prompt: str, max_new_tokens: int) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         model="docgpt", prompt=prompt, parameters=pb.GenerationParameters(max_new_tokens=max_new_tokens)
     )
+
+
+def held_stream() -> pb.GenerateRequest:
+    """A stream longer than SMALL_WINDOW however it is cut into messages: it cannot end before it is read."""
+    request = generate("hello", 90)
+    request.parameters.logprobs = True
+    return request
 
 
 def test_a_message_that_does_not_parse_is_invalid_argument_counted_and_logged_without_traceback(
@@ -115,7 +125,7 @@ def test_a_text_of_megabytes_is_cut_before_tokenizing(api):
     with pytest.raises(grpc.RpcError) as info:
         api.Classify(pb.ClassifyRequest(model="sentiment", texts=["fine", text], no_truncation=True), timeout=60)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("texts[1]: longer than the model's limit")
+    assert info.value.details().startswith(f"texts[1]: {len(text)} characters, more than the {64 * 128} this model")
 
 
 def test_a_prompt_of_megabytes_is_refused_before_tokenizing(api):
@@ -158,14 +168,14 @@ def test_durations_are_observed_for_every_status_and_prefills_have_a_histogram(h
 
 
 def test_a_stream_nobody_reads_ends_after_the_unread_timeout(hostile_srv):
-    # A tiny receive window (SMALL_WINDOW, no BDP probing to grow it): the server's writes block after about
-    # 1 KB, as they would after 64 KB for a client that stopped reading.
+    # A tiny receive window (SMALL_WINDOW, no BDP probing to grow it): the server's writes block after 256
+    # bytes, as they would after 64 KB for a client that stopped reading.
     code = {"model": "docgpt", "method": "GenerateStream", "code": "RESOURCE_EXHAUSTED"}
     before = sample(scrape(hostile_srv), "nlpserve_requests_total", **code)
     with grpc.insecure_channel(hostile_srv.target, options=SMALL_WINDOW) as channel:
         api = inference_pb2_grpc.InferenceServiceStub(channel)
         streams = [
-            api.GenerateStream(generate("hello", 90), timeout=120) for _ in range(3)
+            api.GenerateStream(held_stream(), timeout=120) for _ in range(3)
         ]  # nobody reads them (yet)
         deadline = time.monotonic() + 90
         while sample(scrape(hostile_srv), "nlpserve_requests_total", **code) - before < 3:
@@ -184,7 +194,7 @@ def test_unread_streams_do_not_hold_a_graceful_stop(quick_repo):
     with start(quick_repo, "--unread-stream-seconds", str(UNREAD_SECONDS), "--grace-seconds", "600") as srv:
         with grpc.insecure_channel(srv.target, options=SMALL_WINDOW) as channel:
             api = inference_pb2_grpc.InferenceServiceStub(channel)
-            streams = [api.GenerateStream(generate("hello", 90), timeout=300) for _ in range(4)]
+            streams = [api.GenerateStream(held_stream(), timeout=300) for _ in range(4)]
             api.ListModels(pb.ListModelsRequest(), timeout=60)  # the streams' calls have reached the server
             srv.send_signal(signal.SIGTERM)
             assert srv.wait(timeout=300) == 0
@@ -197,7 +207,7 @@ def test_calls_during_a_drain_get_unavailable_not_cancelled(quick_repo):
         # A stream this test reads only once it has seen the drain refuse calls: it holds the drain open.
         held_channel = grpc.insecure_channel(srv.target, options=SMALL_WINDOW)
         held = inference_pb2_grpc.InferenceServiceStub(held_channel).GenerateStream(
-            generate("hello", 90), timeout=300
+            held_stream(), timeout=300
         )
         codes: collections.Counter[tuple[grpc.StatusCode, str]] = collections.Counter()
         refused = threading.Event()

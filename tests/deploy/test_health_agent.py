@@ -35,6 +35,8 @@ def test_lists_only_serving_replicas(quick_repo, tmp_path: Path):
             sys.executable,
             str(AGENT),
             "--once",
+            "--timeout",  # a slow answer on a loaded machine is not a dead replica (the dead one is refused)
+            "30",
             "--upstream-file",
             str(upstream),
             "--replicas",

@@ -228,23 +228,47 @@ def test_stream_and_unary_agree_on_the_event_loop(scheduler_on_loop_factory):
     asyncio.run(main())
 
 
-def test_a_consumer_that_falls_behind_gets_the_waiting_chunks_as_one(scheduler_on_loop_factory):
+def test_a_consumer_that_falls_behind_gets_the_waiting_chunks_as_one(scheduler_on_loop_factory, registry):
+    generated = {"model": "docgpt"}
+
+    def tokens_so_far() -> float:
+        return registry.get_sample_value("nlpserve_generated_tokens_total", generated) or 0.0
+
+    def hold_the_loop_until(condition) -> None:
+        # Blocks the event loop on purpose (as a slow client or a busy loop would): the decode thread runs on,
+        # and what it delivers waits, undelivered, until the loop runs again. Held on a condition, not a time.
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "condition not reached"
+            time.sleep(0.005)
+
     async def main() -> None:
-        s = scheduler_on_loop_factory()
-        request = GenerateRequest("docgpt", "def load(path):", SamplingParams(max_new_tokens=48, logprobs=True))
-        paced = [c async for c in s.stream(request)]  # keeps up: about one chunk per token
-        slow = []
-        async for chunk in s.stream(request):
-            slow.append(chunk)
-            time.sleep(0.05)  # noqa: ASYNC251 - blocks the event loop on purpose: the decode thread runs on
+        s = scheduler_on_loop_factory(Metrics(registry))
+        request = GenerateRequest(
+            "docgpt", "def load(path):", SamplingParams(max_new_tokens=48, logprobs=True)
+        )
+        paced = [c async for c in s.stream(request)]  # one chunk per token or fewer: as the loop keeps up
+        length = join_chunks(paced).usage.generated_tokens
+        # The same request, its consumer as far behind as can be: the loop is held from the submission until
+        # the decode thread has handed over the last chunk, so every chunk waits when the stream is next read.
+        # That hand-over is seen through a request submitted once the sequence's last token is counted: the
+        # scheduler admits it only at the next step boundary, after the step that ended the sequence delivered.
+        before = tokens_so_far()
+        stream = s.stream(request)
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)  # the stream submits its request, and waits for its first chunk
+        hold_the_loop_until(lambda: tokens_so_far() >= before + length)
+        s.submit(GenerateRequest("docgpt", "x", SamplingParams(max_new_tokens=1)), Collector())
+        hold_the_loop_until(lambda: s.waiting == 0)
+        slow = [await first] + [c async for c in stream]
         for chunks in (paced, slow):
             assert chunks[-1].finish is not None and all(c.finish is None for c in chunks[:-1])
             joined = join_chunks(chunks)
             assert len(joined.token_ids) == len(joined.logprobs) == joined.usage.generated_tokens == 48
+        assert len(slow) == 1, "the chunks that waited were not sent as one"
         assert join_chunks(slow).text == join_chunks(paced).text
         assert join_chunks(slow).token_ids == join_chunks(paced).token_ids
-        assert any(len(c.token_ids) > 1 for c in slow), "nothing was coalesced"
-        assert len(slow) < len(paced)
+        assert join_chunks(slow).logprobs == pytest.approx(join_chunks(paced).logprobs)
         await asyncio.to_thread(s.close, 10)
 
     asyncio.run(main())
@@ -252,8 +276,8 @@ def test_a_consumer_that_falls_behind_gets_the_waiting_chunks_as_one(scheduler_o
 
 @pytest.fixture
 def scheduler_on_loop_factory(generator):
-    def make() -> GenerationScheduler:
-        s = GenerationScheduler(generator, max_active_sequences=4, max_queue_size=8)
+    def make(metrics: Metrics | None = None) -> GenerationScheduler:
+        s = GenerationScheduler(generator, max_active_sequences=4, max_queue_size=8, metrics=metrics)
         s.start(asyncio.get_running_loop())
         return s
 
@@ -376,7 +400,11 @@ def _lengths(chunks) -> list[list[int]]:
 @pytest.mark.parametrize(
     "lengths, all_positions, expected",
     [
-        ([12] * 15 + [126], False, [[12] * 15, [126]]),  # a long prompt does not pad the short ones to its length
+        (
+            [12] * 15 + [126],
+            False,
+            [[12] * 15, [126]],
+        ),  # a long prompt does not pad the short ones to its length
         ([40, 31, 35, 30] * 4, False, [sorted([40, 31, 35, 30] * 4)]),  # similar lengths: one batch
         ([1000] * 10, False, [[1000] * 8, [1000] * 2]),  # at most PREFILL_TOKENS padded tokens
         ([9000, 3], False, [[3], [9000]]),  # a prompt longer than that goes alone
@@ -396,8 +424,10 @@ def test_a_row_cancelled_since_the_last_step_frees_its_place_at_once(generator):
     # The boundary's admission, driven step by step (no thread): a cancelled row leaves at this boundary, so
     # a waiting request takes its place now, not one decode step later.
     s = GenerationScheduler(generator, max_active_sequences=2, max_queue_size=4)
-    handles = [s.submit(GenerateRequest("docgpt", p, SamplingParams(max_new_tokens=50)), Collector())
-               for p in PROMPTS[:2]]
+    handles = [
+        s.submit(GenerateRequest("docgpt", p, SamplingParams(max_new_tokens=50)), Collector())
+        for p in PROMPTS[:2]
+    ]
     events: list = []
     s._iterate(s._admit(), events)
     assert s.active == 2

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import re
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""`python -m bench {classify,generate,baseline,llm,all} [--quick]`: runs the benchmarks, writes
+"""`python -m bench {classify,generate,baseline,llm,hostile,all} [--quick]`: runs the benchmarks, writes
 `bench/results/<date>-<machine>.json` (every raw figure), a Markdown table and PNG plots, and prints the
 ratios last."""
 
@@ -28,6 +28,14 @@ LLM_NOTE = (
     "onnxruntime-genai loop runs in the bench process on pre-tokenized prompts (the same tokens the server's "
     "chat template gives) with the server's session settings; all prompts have one token length, as "
     "onnxruntime-genai 0.18 computes padded rows of a static batch wrongly on the CPU."
+)
+PREVIOUS_HINT = "c01301d"  # bench.hostile.PREVIOUS, without importing it for --help
+HOSTILE_NOTE = (
+    "Hostile input: victims (closed loop, a 10 ms pause between calls, each on its own connection, in the bench "
+    "process) send small Classify and ListModels calls throughout; in each phase's hostile window other clients "
+    "(a separate process, one closed-loop client per kind, each on its own connection) send one kind of large "
+    "request for a bounded time and count; a victim call counts in the window it was sent in. RSS: VmRSS of the "
+    "server process, sampled every 50 ms. The two sides run one after the other, each on a server of its own."
 )
 CLIENT_NOTE = (
     "The load generator (Python, asyncio gRPC) runs on the same CPUs as the server and takes part of them; the "
@@ -72,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("all", "everything, then the py-spy profiles"),
     ):
         commands.add_parser(name, parents=[common], help=text, description=text)
+    text = ("hostile input: victims' latency and the server's memory during a stream of the largest requests, on "
+            f"the current server and on the one before the fixes ({PREVIOUS_HINT})")
+    hostile = commands.add_parser("hostile", parents=[common], help=text, description=text)
+    hostile.add_argument("--previous", metavar="REV",
+                         help=f"the previous server's commit, run from a temporary git worktree (default {PREVIOUS_HINT}; "
+                         "with --quick, none unless given)")
+    hostile.add_argument("--previous-dir", type=Path, metavar="DIR",
+                         help="an existing checkout of the previous server to run instead of a temporary worktree")
+    hostile.add_argument("--no-previous", action="store_true", help="the current server only")
+    hostile.add_argument("--generator", help="the generator sent the prompts (default smollm2 when the repository "
+                         "has it, else docgpt)")
+    hostile.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                         help="an environment variable for both servers (e.g. MALLOC_ARENA_MAX=2); repeatable")
     again = commands.add_parser("report", help="rewrite the Markdown table and plots of a results JSON",
                                 description="rewrite the Markdown table and plots of a results JSON (same folder)")
     again.add_argument("results", type=Path, help="a bench/results/*.json file")
@@ -113,6 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     info = machine.machine_info()
+    if args.command == "hostile":
+        return run_hostile(args, info, started)
     plan = suite.QUICK if args.quick else suite.GPU if args.device == "cuda" else suite.FULL
     llm_plan = llm.LLM_QUICK if args.quick else llm.LLM_FULL
     if args.rounds:
@@ -224,6 +247,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def run_hostile(args: argparse.Namespace, info: dict[str, Any], started: float) -> dict[str, Any]:
+    """`python -m bench hostile`: its own plan and figures, the results written as every other command's."""
+    from bench import hostile, machine, report
+
+    for kv in args.server_env:
+        if "=" not in kv or not kv.split("=", 1)[0]:
+            raise ValueError(f"--server-env {kv!r}: expected KEY=VALUE")
+    results: dict[str, Any] = {
+        "schema": 1,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m bench " + " ".join(args.argv),
+        "machine": info,
+        "machine_slug": machine.machine_slug(info),
+        "notes": [NOISE_NOTE, CLIENT_NOTE, HOSTILE_NOTE],
+    }
+    results |= hostile.run(args, info)
+    results["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    stem = args.name or "-".join([results["created"][:10], results["machine_slug"], "hostile"]
+                                 + (["quick"] if args.quick else []))
+    paths = report.write_results(results, args.out, stem)
+    results["paths"] = {k: str(v) for k, v in paths.items()}
+    return results
+
+
 def rewrite(path: Path) -> dict[str, Any]:
     """Rewrites the Markdown and the plots of a results file from its JSON (after a change to the writer)."""
     import json
@@ -245,6 +293,11 @@ def print_ratios(results: dict[str, Any]) -> None:
     for note in results.get("notes", []):
         if note.startswith("llm skipped"):
             print(note)
+    for side in results.get("hostile", {}).get("sides", {}).values():
+        for phase in side["phases"]:
+            rss = phase["rss_mb"]
+            print(f"{side['label']}, {phase['name']}: server RSS {rss['before']} MB before, {rss['peak']} peak, "
+                  f"{rss['after']} after {phase['recovery']['seconds']:.0f} s")
     for comparison in results.get("comparisons", []):
         target = ""
         if comparison["target"] is not None:

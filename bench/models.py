@@ -78,11 +78,13 @@ def quick_repository(rebuild: bool = False) -> Path:
 
 
 def demo_repository(models: Path | None = None, rebuild: bool = False) -> Path:
-    """The demo models: `--models DIR` when given, else `models/` when `make models` built it, else built here."""
+    """The demo models: `--models DIR` when given, else `models/` when `make models` built it (it holds both demo
+    models; older Makefiles also left a `.built` marker), else built here."""
     if models is not None:
         return models
-    if (ROOT / "models" / ".built").exists():
-        return ROOT / "models"
+    local = ROOT / "models"
+    if (local / ".built").exists() or (has_model(local, "sentiment") and has_model(local, "docgpt")):
+        return local
     repo = CACHE / "demo"
     if rebuild or not (has_model(repo, "sentiment") and has_model(repo, "docgpt")):
         shutil.rmtree(repo, ignore_errors=True)

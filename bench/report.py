@@ -104,6 +104,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _llm_md(name, m)
     if results.get("profiles"):
         lines += _profiles_md(results["profiles"])
+    if results.get("hostile"):
+        lines += _hostile_md(results["hostile"])
     for kind, file in results.get("plots", {}).items():
         lines += [f"![{kind}]({file})", ""]
     return "\n".join(lines)
@@ -257,6 +259,55 @@ def _profiles_md(profiles: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _hostile_md(h: dict[str, Any]) -> list[str]:
+    lim = h.get("limits", {})
+    lines = ["## Hostile input", "",
+             (f"Models: classifier `{lim.get('classifier')}` (texts cut to {lim.get('classify_cut_chars'):,} characters "
+              f"= max_sequence_length {lim.get('classify_max_sequence_length')} x 128 by the current server), generator "
+              f"`{lim.get('generator')}` (prompts over {lim.get('prompt_max_chars'):,} characters = context "
+              f"{lim.get('generator_context')} x its longest vocabulary entry, {lim.get('longest_token_chars')} "
+              "characters, refused by the current server before tokenizing). Hostile requests:"), ""]
+    lines += _table(["kind", "RPC", "texts", "characters each", "MB"],
+                    [[k, s["method"], s["texts"], f"{s['chars']:,}", round(s["texts"] * s["chars"] / 1e6, 2)]
+                     for k, s in h.get("specs", {}).items()])
+    for side in h.get("sides", {}).values():
+        rss = side.get("rss_mb", {})
+        lines += [(f"### {side['label']}: commit {side.get('commit')}"
+                   f"{' with uncommitted server changes' if side.get('uncommitted_server_changes') else ''}"), "",
+                  (f"Server ready in {_f(side.get('startup_s'))} s; RSS {_f(rss.get('before_first_hostile'))} MB before "
+                   f"the first hostile window, peak {_f(rss.get('peak'))} MB, {_f(rss.get('at_end'))} MB at the end "
+                   f"({_f(side.get('duration_s'))} s of phases)."), ""]
+        rows = []
+        for p in side["phases"]:
+            for method, quiet in p["quiet"]["victims"].items():
+                hostile = p["hostile"]["victims"].get(method, {"latency_ms": {}, "codes": {}})
+                ratios = p.get("ratios", {}).get(method, {})
+                rows.append([p["name"], method, quiet["latency_ms"]["count"], quiet["latency_ms"]["p50"],
+                             quiet["latency_ms"]["p99"], hostile["latency_ms"].get("count"),
+                             hostile["latency_ms"].get("p50"), hostile["latency_ms"].get("p99"),
+                             hostile["latency_ms"].get("max"), ratios.get("p50"),
+                             f"**{ratios['p99']:.2f}**" if ratios.get("p99") is not None else "-",
+                             _codes(hostile["codes"])])
+        lines += ["Victims (calls sent in each window; quiet, then hostile):", ""]
+        lines += _table(["phase", "victim RPC", "quiet n", "quiet p50 ms", "quiet p99 ms", "hostile n",
+                         "hostile p50 ms", "hostile p99 ms", "hostile max ms", "p50 ratio", "p99 ratio",
+                         "hostile codes"], rows)
+        rows = []
+        for p in side["phases"]:
+            for kind, r in p["hostile_requests"].items():
+                rows.append([p["name"], kind, r["requests"], _codes(r["codes"]), r["latency_ms"]["p50"],
+                             r["latency_ms"]["max"], p["hostile"]["seconds"], p["hostile"]["server_cpu_percent"]])
+        lines += ["Hostile requests (the window lasts until the last one sent came back):", ""]
+        lines += _table(["phase", "kind", "sent", "codes", "p50 ms", "max ms", "window s", "server CPU %"], rows)
+        lines += ["Server RSS, MB (before: just before the hostile window; after: at the end of the recovery):", ""]
+        lines += _table(["phase", "before", "peak", "after", "after - before", "recovery s", "load average"],
+                        [[p["name"], p["rss_mb"]["before"], p["rss_mb"]["peak"], p["rss_mb"]["after"],
+                          round(p["rss_mb"]["after"] - p["rss_mb"]["before"], 1)
+                          if p["rss_mb"]["after"] is not None and p["rss_mb"]["before"] is not None else None,
+                          p["recovery"]["seconds"], p["quiet"]["load_average"]] for p in side["phases"]])
+    return lines
+
+
 def _codes(codes: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(codes.items())) or "-"
 
@@ -368,6 +419,31 @@ def write_plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, 
             ax.legend(fontsize=8)
         fig.suptitle(subtitle, fontsize=9)
         save(fig, "llm-tokens")
+
+    sides = results.get("hostile", {}).get("sides", {})
+    if sides:
+        fig, axes = plt.subplots(2, len(sides), figsize=(6.5 * len(sides), 6), squeeze=False, sharex="col")
+        for column, side in enumerate(sides.values()):
+            s = side["series"]
+            top, bottom = axes[0][column], axes[1][column]
+            if s["rss_mb"]:
+                top.plot([p[0] for p in s["rss_mb"]], [p[1] for p in s["rss_mb"]], color="tab:red")
+            if s["victim_max_ms"]:
+                bottom.plot([p[0] for p in s["victim_max_ms"]], [p[1] for p in s["victim_max_ms"]], ".",
+                            markersize=3)
+            for ax in (top, bottom):
+                for name, start, end in s["hostile_windows"]:
+                    ax.axvspan(start, end, color="grey", alpha=0.15)
+            for k, (name, start, _end) in enumerate(s["hostile_windows"]):
+                top.annotate(name, (start, 0.98 - 0.07 * (k % 2)), xycoords=("data", "axes fraction"), fontsize=7,
+                             va="top")
+            top.set_ylabel("server RSS, MB")
+            top.set_title(f"hostile input: {side['label']}")
+            bottom.set_yscale("log")
+            bottom.set_ylabel("slowest victim call per 0.25 s, ms")
+            bottom.set_xlabel("seconds (grey: hostile windows)")
+        fig.suptitle(subtitle, fontsize=9)
+        save(fig, "hostile")
 
     served = {k: g for k, g in generation.items() if g["summary"].get("continuous")}
     if served:

@@ -192,11 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sequence length 128, batch 1/8/32; GPT-2-small at 1/16/64 streams) were not run."
         )
     results: dict[str, Any] = {
-        "schema": 1,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench " + " ".join(args.argv),
-        "machine": info,
-        "machine_slug": machine.machine_slug(info),
+        **_header(args, info),
         "plan": dataclasses.asdict(llm_plan) if args.command == "llm" else suite.plan_dict(plan),
         "settings": {"device": args.device,
                      **({"variants": list(llm_plan.variants)} if args.command == "llm" else {"variant": args.variant}),
@@ -247,21 +243,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def run_hostile(args: argparse.Namespace, info: dict[str, Any], started: float) -> dict[str, Any]:
-    """`python -m bench hostile`: its own plan and figures, the results written as every other command's."""
-    from bench import hostile, machine, report
+def _header(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
+    """What every results file begins with: the schema, when, the command, the machine."""
+    from bench import machine
 
-    for kv in args.server_env:
-        if "=" not in kv or not kv.split("=", 1)[0]:
-            raise ValueError(f"--server-env {kv!r}: expected KEY=VALUE")
-    results: dict[str, Any] = {
+    return {
         "schema": 1,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(args.argv),
         "machine": info,
         "machine_slug": machine.machine_slug(info),
-        "notes": [NOISE_NOTE, CLIENT_NOTE, HOSTILE_NOTE],
     }
+
+
+def run_hostile(args: argparse.Namespace, info: dict[str, Any], started: float) -> dict[str, Any]:
+    """`python -m bench hostile`: its own plan and figures, the results written as every other command's."""
+    from bench import hostile, report
+
+    for kv in args.server_env:
+        if "=" not in kv or not kv.split("=", 1)[0]:
+            raise ValueError(f"--server-env {kv!r}: expected KEY=VALUE")
+    results: dict[str, Any] = {**_header(args, info), "notes": [NOISE_NOTE, CLIENT_NOTE, HOSTILE_NOTE]}
     results |= hostile.run(args, info)
     results["load_average_at_end"] = round(os.getloadavg()[0], 2)
     results["elapsed_s"] = round(time.perf_counter() - started, 1)

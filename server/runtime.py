@@ -156,9 +156,13 @@ class Session:
         for name in output_names:
             # What the caller reads on the host is copied there by ONNX Runtime; the rest stays on the device.
             binding.bind_output(name, self.device if name in keep else "cpu", 0)
-        self.guarded(self.session.run_with_iobinding, binding)
+        self.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return [v if name in keep else v.numpy() for name, v in zip(output_names, outputs)]
+
+    def run_with_iobinding(self, binding: ort.IOBinding) -> None:
+        """Runs the graph on `binding` (as ONNX Runtime's own method), with the failures of `guarded`."""
+        self.guarded(self.session.run_with_iobinding, binding)
 
     def guarded(self, run: Callable[..., T], *args: object) -> T:
         """Calls `run(*args)` (a run of this session), turning ONNX Runtime's allocation failures into

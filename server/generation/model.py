@@ -209,7 +209,7 @@ class SharedBufferGenerator(GeneratorModel):
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits", "cpu")
-        self.session.guarded(self.session.session.run_with_iobinding, binding)
+        self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[-1].numpy()  # bound last, so listed last
         logits = logits[:, -1, : self.sampled_vocab_size]
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)

@@ -195,10 +195,18 @@ def test_unread_streams_do_not_hold_a_graceful_stop(quick_repo):
         with grpc.insecure_channel(srv.target, options=SMALL_WINDOW) as channel:
             api = inference_pb2_grpc.InferenceServiceStub(channel)
             streams = [api.GenerateStream(held_stream(), timeout=300) for _ in range(4)]
-            api.ListModels(pb.ListModelsRequest(), timeout=60)  # the streams' calls have reached the server
+            deadline = time.monotonic() + 120
+            # Every stream prefilled (so admitted, and in flight when the signal comes).
+            while sample(scrape(srv), "nlpserve_queue_duration_seconds_count", model="docgpt",
+                         method="Generate") < 4:
+                assert time.monotonic() < deadline, "the streams never started"
+                time.sleep(0.05)
             srv.send_signal(signal.SIGTERM)
             assert srv.wait(timeout=300) == 0
             del streams
+        # Each stream ended by the unread timeout (during the drain, or just before it on a slow machine), and
+        # the stop did not wait for the grace period.
+        assert srv.logs().count(f"the client read nothing for {UNREAD_SECONDS}s; the stream ends") == 4
         assert "grace period over" not in srv.logs()
 
 

@@ -6,6 +6,7 @@ It needs only grpcio and protobuf. Results are typed dataclasses; every failed c
 
     with Client("127.0.0.1:50051") as c:
         print(c.classify(["a fine film"])[0].label)
+        print(c.embed(["a fine film", "a good movie"]).vectors)
         print(c.generate("Return the", max_new_tokens=16).text)
 """
 
@@ -24,6 +25,9 @@ from .types import (
     BatchingSettings,
     Classification,
     ClassifyResult,
+    Embedding,
+    EmbedResult,
+    Entity,
     FinishReason,
     Generation,
     GenerationChunk,
@@ -31,6 +35,8 @@ from .types import (
     ModelKind,
     ModelLimits,
     Timings,
+    TokenClassification,
+    TokenClassifyResult,
     Usage,
 )
 
@@ -41,6 +47,9 @@ __all__ = [
     "Classification",
     "ClassifyResult",
     "Client",
+    "EmbedResult",
+    "Embedding",
+    "Entity",
     "FinishReason",
     "Generation",
     "GenerationChunk",
@@ -49,5 +58,7 @@ __all__ = [
     "ModelLimits",
     "ServerError",
     "Timings",
+    "TokenClassification",
+    "TokenClassifyResult",
     "Usage",
 ]

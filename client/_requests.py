@@ -19,9 +19,43 @@ def classify_request(
     texts: str | Iterable[str], model: str | None, return_embedding: bool, no_truncation: bool
 ) -> pb.ClassifyRequest:
     """A `ClassifyRequest`; a single string is one text (not a sequence of characters)."""
+    request = pb.ClassifyRequest(return_embedding=return_embedding, no_truncation=no_truncation)
+    return _with_texts(request, texts, model)
+
+
+def embed_request(
+    texts: str | Iterable[str], model: str | None, dimensions: int | None, no_truncation: bool
+) -> pb.EmbedRequest:
+    """An `EmbedRequest`; a single string is one text."""
+    request = pb.EmbedRequest(no_truncation=no_truncation)
+    if dimensions is not None:
+        _set(request, "dimensions", dimensions)
+    return _with_texts(request, texts, model)
+
+
+# The aggregation strategies by their transformers names (`aggregation_strategy`).
+AGGREGATIONS = {
+    "none": pb.AGGREGATION_NONE,
+    "simple": pb.AGGREGATION_SIMPLE,
+    "first": pb.AGGREGATION_FIRST,
+    "average": pb.AGGREGATION_AVERAGE,
+    "max": pb.AGGREGATION_MAX,
+}
+
+
+def classify_tokens_request(
+    texts: str | Iterable[str], model: str | None, aggregation: str, no_truncation: bool
+) -> pb.ClassifyTokensRequest:
+    """A `ClassifyTokensRequest`; a single string is one text; `aggregation` is a name of AGGREGATIONS."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation: {aggregation!r}, expected one of {', '.join(AGGREGATIONS)}")
+    request = pb.ClassifyTokensRequest(aggregation=AGGREGATIONS[aggregation], no_truncation=no_truncation)
+    return _with_texts(request, texts, model)
+
+
+def _with_texts(request: Any, texts: str | Iterable[str], model: str | None) -> Any:
     if isinstance(texts, str):
         texts = [texts]
-    request = pb.ClassifyRequest(return_embedding=return_embedding, no_truncation=no_truncation)
     _set(request, "model", model or "")
     try:
         request.texts.extend(texts)

@@ -14,7 +14,7 @@ from .errors import ServerError
 from .proto import inference_pb2 as pb
 from .proto import inference_pb2_grpc as pb_grpc
 from .sync import Pem, auth_metadata, channel_credentials, channel_options
-from .types import ClassifyResult, Generation, GenerationChunk, ModelInfo
+from .types import ClassifyResult, EmbedResult, Generation, GenerationChunk, ModelInfo, TokenClassifyResult
 
 if TYPE_CHECKING:
     from typing import Self
@@ -133,6 +133,32 @@ class AsyncClient:
         request = req.classify_request(texts, model, return_embedding, no_truncation)
         response = await self._call(self._stub.Classify, request, timeout)
         return ClassifyResult.from_pb(response, with_embedding=return_embedding)
+
+    async def embed(
+        self,
+        texts: str | Iterable[str],
+        model: str | None = None,
+        dimensions: int | None = None,
+        no_truncation: bool = False,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+    ) -> EmbedResult:
+        """Embeds one or many texts with a sentence-embedding model. See `Client.embed`."""
+        request = req.embed_request(texts, model, dimensions, no_truncation)
+        return EmbedResult.from_pb(await self._call(self._stub.Embed, request, timeout))
+
+    async def classify_tokens(
+        self,
+        texts: str | Iterable[str],
+        model: str | None = None,
+        aggregation: str = "simple",
+        no_truncation: bool = False,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+    ) -> TokenClassifyResult:
+        """Finds the entities of one or many texts with a token classifier. See `Client.classify_tokens`."""
+        request = req.classify_tokens_request(texts, model, aggregation, no_truncation)
+        return TokenClassifyResult.from_pb(await self._call(self._stub.ClassifyTokens, request, timeout))
 
     async def generate(
         self,

@@ -4,6 +4,8 @@
              [--api-key KEY] models [NAME]
     nlpserve health [SERVICE]
     nlpserve classify [--model NAME] [--embedding] [--no-truncation] TEXT...
+    nlpserve embed [--model NAME] [--dimensions N] [--no-truncation] TEXT...
+    nlpserve entities [--model NAME] [--aggregation none|simple|first|average|max] [--no-truncation] TEXT...
     nlpserve generate [--model NAME] PROMPT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                       [--repetition-penalty R] [--seed S] [--stop STR ...] [--logprobs] [--no-stream] [--stats]
     nlpserve chat [--model NAME] [--system TEXT] (MESSAGE | --interactive) [the options of generate]
@@ -25,10 +27,18 @@ from typing import Any, TextIO
 
 import grpc
 
-from ._requests import DEFAULT_TARGET
+from ._requests import AGGREGATIONS, DEFAULT_TARGET
 from .errors import ServerError
 from .sync import API_KEY_ENV, Client, auth_metadata, read_pem
-from .types import ClassifyResult, Generation, GenerationChunk, ModelInfo, ModelKind
+from .types import (
+    ClassifyResult,
+    EmbedResult,
+    Generation,
+    GenerationChunk,
+    ModelInfo,
+    ModelKind,
+    TokenClassifyResult,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # The CA file can come from the environment (a container's health check, say); the client certificate and key
@@ -149,7 +159,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog=prog or _prog(),
-        description="Talk to an nlpserve server: list models, check health, classify texts, generate text.",
+        description="Talk to an nlpserve server: list models, check health, classify, embed and read texts "
+        "(entities), generate text and chat.",
         parents=[common],
         epilog="Exit codes: 0 success; 1 the call failed (or health is not SERVING); 2 bad usage.",
     )
@@ -184,6 +195,46 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--embedding", action="store_true", help="also return the pooled sentence vectors (shown with --json)"
     )
     classify.add_argument(
+        "--no-truncation", action="store_true", help="fail on a text longer than the model's limit"
+    )
+
+    embed = commands.add_parser(
+        "embed",
+        parents=[common],
+        help="embed texts (sentence vectors)",
+        description="Embed texts with a sentence-embedding model: each vector's size and first values, then "
+        "the cosine similarity of every pair of texts (the whole vectors with --json).",
+    )
+    embed.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed; '-' reads one per line of stdin")
+    embed.add_argument("--model", metavar="NAME", help="the embedder (default: the server's only embedder)")
+    embed.add_argument(
+        "--dimensions",
+        type=_int_in(0, INT32_MAX, "a number of dimensions"),
+        metavar="N",
+        help="keep only the first N values of each vector (normalized again when the model normalizes)",
+    )
+    embed.add_argument("--no-truncation", action="store_true", help="fail on a text longer than the model's limit")
+
+    entities = commands.add_parser(
+        "entities",
+        aliases=["ner"],
+        parents=[common],
+        help="find the entities of texts (token classification)",
+        description="Find named entities (or label every token) with a token-classification model.",
+    )
+    entities.add_argument(
+        "texts", nargs="+", metavar="TEXT", help="texts to read; '-' reads one per line of stdin"
+    )
+    entities.add_argument(
+        "--model", metavar="NAME", help="the token classifier (default: the server's only one)"
+    )
+    entities.add_argument(
+        "--aggregation",
+        choices=list(AGGREGATIONS),
+        default="simple",
+        help="how token labels become entities, as in transformers' pipeline (default: simple)",
+    )
+    entities.add_argument(
         "--no-truncation", action="store_true", help="fail on a text longer than the model's limit"
     )
 
@@ -301,6 +352,19 @@ def _model_details(m: ModelInfo) -> str:
             f"{lim.max_texts_per_request} texts/request",
             f"batch {b.max_batch_size} ({b.policy}, {b.max_queue_delay_ms:g} ms)",
         ]
+    elif m.kind == ModelKind.EMBEDDER:
+        parts = [
+            f"{m.embedding_size} dimensions ({m.pooling}{', normalized' if m.normalized else ''})",
+            f"{lim.max_sequence_length} tokens/text",
+            f"{lim.max_texts_per_request} texts/request",
+            f"batch {b.max_batch_size} ({b.policy}, {b.max_queue_delay_ms:g} ms)",
+        ]
+    elif m.kind == ModelKind.TOKEN_CLASSIFIER:
+        parts = [
+            f"labels {','.join(m.labels)}",
+            f"{lim.max_sequence_length} tokens/text",
+            f"batch {b.max_batch_size} ({b.policy}, {b.max_queue_delay_ms:g} ms)",
+        ]
     elif m.kind == ModelKind.GENERATOR:
         parts = [
             f"context {lim.max_sequence_length}",
@@ -330,6 +394,44 @@ def classify_json(texts: Sequence[str], result: ClassifyResult) -> dict[str, Any
     for text, item in zip(texts, out["results"]):
         item["text"] = text
     return out
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    """Cosine similarity of two vectors (0 when one of them is all zeros)."""
+    dot = sum(x * y for x, y in zip(a, b))
+    norms = (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+    return dot / norms if norms else 0.0
+
+
+def format_embeddings(texts: Sequence[str], result: EmbedResult, shown: int = 4) -> str:
+    """One line per text (the vector's size, norm and first values), then the cosine of every pair."""
+    lines = []
+    for text, e in zip(texts, result):
+        norm = sum(v * v for v in e.values) ** 0.5
+        head = ", ".join(f"{v:+.4f}" for v in e.values[:shown])
+        more = ", ..." if len(e.values) > shown else ""
+        mark = "  [truncated]" if e.truncated else ""
+        lines.append(f"[{head}{more}]  ({len(e.values)} values, norm {norm:.4f})  {_one_line(text)}{mark}")
+    if len(texts) > 1:
+        lines.append("cosine similarity:")
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                sim = cosine(result[i].values, result[j].values)
+                lines.append(f"  {sim:+.4f}  {i + 1} {_one_line(texts[i])}  ~  {j + 1} {_one_line(texts[j])}")
+    return "\n".join(lines)
+
+
+def format_entities(texts: Sequence[str], result: TokenClassifyResult) -> str:
+    """Each text, then one indented line per entity: label, score, character span, text."""
+    lines = []
+    for text, r in zip(texts, result):
+        lines.append(_one_line(text) + ("  [truncated]" if r.truncated else ""))
+        if not r.entities:
+            lines.append("  (no entity)")
+        width = max((len(e.label) for e in r), default=0)
+        for e in r:
+            lines.append(f"  {e.label.ljust(width)}  {e.score:.4f}  [{e.start}:{e.end}]  {_one_line(e.text)}")
+    return "\n".join(lines)
 
 
 def format_stats(last: Generation | GenerationChunk) -> str:
@@ -387,7 +489,7 @@ def default_model(client: Client, kind: ModelKind, chat: bool = False) -> str:
         UsageError: The server hosts several (then `--model` must choose).
     """
     names = sorted(m.name for m in client.list_models() if m.kind == kind and (m.chat or not chat))
-    what = "chat model" if chat else kind.value
+    what = "chat model" if chat else kind.value.replace("_", " ")
     if len(names) == 1:
         return names[0]
     if not names:
@@ -434,6 +536,36 @@ def run_classify(client: Client, args: argparse.Namespace, out: TextIO, stdin: T
         print(to_json(classify_json(texts, result)), file=out)
     else:
         print(format_classifications(texts, result), file=out)
+    return EXIT_OK
+
+
+def run_embed(client: Client, args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    texts = _read_lines(stdin) if args.texts == ["-"] else args.texts
+    model = args.model or default_model(client, ModelKind.EMBEDDER)
+    result = client.embed(texts, model=model, dimensions=args.dimensions, no_truncation=args.no_truncation)
+    if args.json:
+        out_dict = result.to_dict()
+        for text, item in zip(texts, out_dict["embeddings"]):
+            item["text"] = text
+        print(to_json(out_dict), file=out)
+    else:
+        print(format_embeddings(texts, result), file=out)
+    return EXIT_OK
+
+
+def run_entities(client: Client, args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    texts = _read_lines(stdin) if args.texts == ["-"] else args.texts
+    model = args.model or default_model(client, ModelKind.TOKEN_CLASSIFIER)
+    result = client.classify_tokens(
+        texts, model=model, aggregation=args.aggregation, no_truncation=args.no_truncation
+    )
+    if args.json:
+        out_dict = result.to_dict()
+        for text, item in zip(texts, out_dict["results"]):
+            item["text"] = text
+        print(to_json(out_dict), file=out)
+    else:
+        print(format_entities(texts, result), file=out)
     return EXIT_OK
 
 
@@ -614,6 +746,10 @@ def main(
                 return run_health(client, args, out)
             if args.command == "classify":
                 return run_classify(client, args, out, inp)
+            if args.command == "embed":
+                return run_embed(client, args, out, inp)
+            if args.command in ("entities", "ner"):
+                return run_entities(client, args, out, inp)
             if args.command == "chat":
                 return run_chat(client, args, out, err, inp)
             return run_generate(client, args, out, err, inp)

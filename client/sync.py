@@ -13,7 +13,7 @@ from . import _requests as req
 from .errors import ServerError
 from .proto import inference_pb2 as pb
 from .proto import inference_pb2_grpc as pb_grpc
-from .types import ClassifyResult, Generation, GenerationChunk, ModelInfo
+from .types import ClassifyResult, EmbedResult, Generation, GenerationChunk, ModelInfo, TokenClassifyResult
 
 if TYPE_CHECKING:
     from typing import Self
@@ -184,6 +184,65 @@ class Client:
         request = req.classify_request(texts, model, return_embedding, no_truncation)
         response = self._call(self._stub.Classify, request, timeout)
         return ClassifyResult.from_pb(response, with_embedding=return_embedding)
+
+    def embed(
+        self,
+        texts: str | Iterable[str],
+        model: str | None = None,
+        dimensions: int | None = None,
+        no_truncation: bool = False,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+    ) -> EmbedResult:
+        """Embeds one or many texts with a sentence-embedding model.
+
+        Args:
+            texts: The texts (a single string is one text).
+            model: The embedder; None selects the only embedder the server hosts.
+            dimensions: Keep only the first this many values of each vector (normalized again when the
+                model's vectors are); None keeps all `ModelInfo.embedding_size`.
+            no_truncation: Fail with INVALID_ARGUMENT on a text longer than the model's limit, instead of
+                truncating it (and flagging it `truncated`).
+            timeout: This call's deadline in seconds; left out, the client's default.
+
+        Returns:
+            One `Embedding` per text, in order (`result.vectors` gives the vectors alone).
+
+        Raises:
+            ServerError: INVALID_ARGUMENT (no text, an empty text, bad dimensions...), NOT_FOUND,
+                RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED...
+        """
+        request = req.embed_request(texts, model, dimensions, no_truncation)
+        return EmbedResult.from_pb(self._call(self._stub.Embed, request, timeout))
+
+    def classify_tokens(
+        self,
+        texts: str | Iterable[str],
+        model: str | None = None,
+        aggregation: str = "simple",
+        no_truncation: bool = False,
+        *,
+        timeout: float | None = req.USE_CLIENT_TIMEOUT,
+    ) -> TokenClassifyResult:
+        """Finds the entities of one or many texts with a token-classification (NER) model.
+
+        Args:
+            texts: The texts (a single string is one text).
+            model: The token classifier; None selects the only one the server hosts.
+            aggregation: How token labels become entities, as transformers' pipeline `aggregation_strategy`:
+                "none" (every token, its own label), "simple" (the default), "first", "average" or "max".
+            no_truncation: Fail with INVALID_ARGUMENT on a text longer than the model's limit.
+            timeout: This call's deadline in seconds; left out, the client's default.
+
+        Returns:
+            One `TokenClassification` (its entities with character and byte offsets) per text, in order.
+
+        Raises:
+            ValueError: An unknown aggregation.
+            ServerError: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED...
+        """
+        request = req.classify_tokens_request(texts, model, aggregation, no_truncation)
+        return TokenClassifyResult.from_pb(self._call(self._stub.ClassifyTokens, request, timeout))
 
     def generate(
         self,

@@ -40,6 +40,8 @@ class ModelKind(str, enum.Enum):
     UNSPECIFIED = "unspecified"
     CLASSIFIER = "classifier"
     GENERATOR = "generator"
+    EMBEDDER = "embedder"
+    TOKEN_CLASSIFIER = "token_classifier"
 
     @classmethod
     def from_pb(cls, value: int) -> ModelKind:
@@ -54,6 +56,8 @@ class ModelKind(str, enum.Enum):
 _MODEL_KINDS = {
     pb.MODEL_KIND_CLASSIFIER: ModelKind.CLASSIFIER,
     pb.MODEL_KIND_GENERATOR: ModelKind.GENERATOR,
+    pb.MODEL_KIND_EMBEDDER: ModelKind.EMBEDDER,
+    pb.MODEL_KIND_TOKEN_CLASSIFIER: ModelKind.TOKEN_CLASSIFIER,
 }
 
 
@@ -153,6 +157,183 @@ class ClassifyResult(_Result):
         return len(self.results)
 
     def __getitem__(self, index: int) -> Classification:
+        return self.results[index]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+@dataclass(frozen=True)
+class Embedding(_Result):
+    """The sentence vector of one text.
+
+    Attributes:
+        values: The vector.
+        truncated: True when the text was cut to the model's maximum sequence length.
+        num_tokens: Tokens the model saw for this text (special tokens included).
+    """
+
+    values: list[float]
+    truncated: bool = False
+    num_tokens: int = 0
+
+    @classmethod
+    def from_pb(cls, msg: pb.Embedding) -> Embedding:
+        return cls(values=list(msg.values), truncated=msg.truncated, num_tokens=msg.num_tokens)
+
+
+@dataclass(frozen=True)
+class EmbedResult(_Result):
+    """The answer to one embed call: one `Embedding` per text, in the order of the texts.
+
+    Iterating over it, indexing it and `len()` work on `embeddings`.
+
+    Attributes:
+        model: The model that answered.
+        model_version: Its version.
+        dimensions: Values per vector.
+        normalized: True when every vector has L2 norm 1 (cosine similarity is then a dot product).
+        embeddings: One vector per input text.
+    """
+
+    model: str
+    model_version: str
+    dimensions: int
+    normalized: bool
+    embeddings: list[Embedding] = field(default_factory=list)
+
+    @classmethod
+    def from_pb(cls, msg: pb.EmbedResponse) -> EmbedResult:
+        return cls(
+            model=msg.model,
+            model_version=msg.model_version,
+            dimensions=msg.dimensions,
+            normalized=msg.normalized,
+            embeddings=[Embedding.from_pb(e) for e in msg.embeddings],
+        )
+
+    @property
+    def vectors(self) -> list[list[float]]:
+        """The vectors alone, in the order of the texts."""
+        return [e.values for e in self.embeddings]
+
+    def __iter__(self) -> Iterator[Embedding]:
+        return iter(self.embeddings)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def __getitem__(self, index: int) -> Embedding:
+        return self.embeddings[index]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token classification
+
+
+@dataclass(frozen=True)
+class Entity(_Result):
+    """An entity (or, with aggregation "none", one labelled token) found in a text.
+
+    Attributes:
+        label: The entity type ("PER"); with aggregation "none" the token's label ("B-PER").
+        score: Its probability (averaged over the entity's tokens or words).
+        start: Where it starts in the text, in characters (`text[start:end]` is the entity)...
+        end: ... and ends.
+        byte_start: The same span in UTF-8 bytes (`text.encode()[byte_start:byte_end]`).
+        byte_end: See byte_start.
+        text: The entity's text, as it stands in the input.
+        token_index: Aggregation "none": the token's position in the model's input; otherwise -1.
+    """
+
+    label: str
+    score: float
+    start: int
+    end: int
+    byte_start: int
+    byte_end: int
+    text: str
+    token_index: int = -1
+
+    @classmethod
+    def from_pb(cls, msg: pb.Entity) -> Entity:
+        return cls(
+            label=msg.label,
+            score=msg.score,
+            start=msg.start,
+            end=msg.end,
+            byte_start=msg.byte_start,
+            byte_end=msg.byte_end,
+            text=msg.text,
+            token_index=msg.token_index,
+        )
+
+
+@dataclass(frozen=True)
+class TokenClassification(_Result):
+    """The entities of one text, in order.
+
+    Iterating over it, indexing it and `len()` work on `entities`.
+
+    Attributes:
+        entities: The entities found (tokens outside any entity, "O", are left out).
+        truncated: True when the text was cut to the model's maximum sequence length.
+        num_tokens: Tokens the model saw for this text (special tokens included).
+    """
+
+    entities: list[Entity] = field(default_factory=list)
+    truncated: bool = False
+    num_tokens: int = 0
+
+    @classmethod
+    def from_pb(cls, msg: pb.TokenClassification) -> TokenClassification:
+        return cls(
+            entities=[Entity.from_pb(e) for e in msg.entities], truncated=msg.truncated, num_tokens=msg.num_tokens
+        )
+
+    def __iter__(self) -> Iterator[Entity]:
+        return iter(self.entities)
+
+    def __len__(self) -> int:
+        return len(self.entities)
+
+    def __getitem__(self, index: int) -> Entity:
+        return self.entities[index]
+
+
+@dataclass(frozen=True)
+class TokenClassifyResult(_Result):
+    """The answer to one classify_tokens call: one `TokenClassification` per text, in the order of the texts.
+
+    Attributes:
+        model: The model that answered.
+        model_version: Its version.
+        labels: The model's token labels.
+        results: One result per input text.
+    """
+
+    model: str
+    model_version: str
+    labels: list[str]
+    results: list[TokenClassification] = field(default_factory=list)
+
+    @classmethod
+    def from_pb(cls, msg: pb.ClassifyTokensResponse) -> TokenClassifyResult:
+        return cls(
+            model=msg.model,
+            model_version=msg.model_version,
+            labels=list(msg.labels),
+            results=[TokenClassification.from_pb(r) for r in msg.results],
+        )
+
+    def __iter__(self) -> Iterator[TokenClassification]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, index: int) -> TokenClassification:
         return self.results[index]
 
 
@@ -388,16 +569,18 @@ class ModelInfo(_Result):
     Attributes:
         name: The name requests use.
         version: The model's version.
-        kind: Classifier or generator.
-        labels: Classifiers: the class labels.
+        kind: Classifier, embedder, token classifier or generator.
+        labels: Classifiers and token classifiers: the class labels.
         limits: What the model accepts.
         batching: How its requests are batched.
         execution_provider: The ONNX Runtime execution provider actually in use, e.g. "CPUExecutionProvider".
         variant: The model file variant in use ("fp32", "fp16", "int8"...).
-        embedding_size: Classifiers: size of the pooled embedding (0 when the model has none).
+        embedding_size: Classifiers and embedders: size of the pooled embedding (0 when the model has none).
         ready: True once the model is loaded and warmed up.
         chat: Generators: the model has a chat template (`Client.chat` works).
         architecture: The network's transformers model_type, e.g. "bert", "gpt2", "llama".
+        pooling: Classifiers and embedders: how token vectors become the sentence vector ("mean", "cls", "max").
+        normalized: Embedders: the vectors have L2 norm 1.
     """
 
     name: str
@@ -412,6 +595,8 @@ class ModelInfo(_Result):
     ready: bool = False
     chat: bool = False
     architecture: str = ""
+    pooling: str = ""
+    normalized: bool = False
 
     @classmethod
     def from_pb(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -429,4 +614,6 @@ class ModelInfo(_Result):
             ready=msg.ready,
             chat=msg.chat,
             architecture=msg.architecture,
+            pooling=msg.pooling,
+            normalized=msg.normalized,
         )

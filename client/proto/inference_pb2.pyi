@@ -4,8 +4,8 @@
 isort:skip_file
 The nlpserve inference API, version 1.
 
-One service for both kinds of model the server hosts: sequence classifiers (BERT-style encoders) and
-text generators (GPT-style decoders). Health is the standard grpc.health.v1.Health service (service ""
+One service for every kind of model the server hosts: BERT-style encoders (sequence classifiers, sentence
+embedders, token classifiers) and GPT/Llama-style decoders (text generators). Health is the standard grpc.health.v1.Health service (service ""
 for the whole server, and one service name per model: the model's name); reflection is enabled.
 """
 
@@ -24,6 +24,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Aggregation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGGREGATION_UNSPECIFIED: _Aggregation.ValueType  # 0
+    """SIMPLE"""
+    AGGREGATION_NONE: _Aggregation.ValueType  # 1
+    """one entry per token: its own label ("B-PER"), nothing grouped"""
+    AGGREGATION_SIMPLE: _Aggregation.ValueType  # 2
+    """consecutive tokens of one entity type (B-/I- tags) form one entity"""
+    AGGREGATION_FIRST: _Aggregation.ValueType  # 3
+    """words first (WordPiece pieces joined), each labelled by its first token"""
+    AGGREGATION_AVERAGE: _Aggregation.ValueType  # 4
+    """... by its tokens' averaged probabilities"""
+    AGGREGATION_MAX: _Aggregation.ValueType  # 5
+    """... by its most confident token"""
+
+class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper):
+    """---------------------------------------------------------------------------------------------------------
+    Token classification
+
+    How token labels become entities, as in transformers' token-classification pipeline (aggregation_strategy).
+    """
+
+AGGREGATION_UNSPECIFIED: Aggregation.ValueType  # 0
+"""SIMPLE"""
+AGGREGATION_NONE: Aggregation.ValueType  # 1
+"""one entry per token: its own label ("B-PER"), nothing grouped"""
+AGGREGATION_SIMPLE: Aggregation.ValueType  # 2
+"""consecutive tokens of one entity type (B-/I- tags) form one entity"""
+AGGREGATION_FIRST: Aggregation.ValueType  # 3
+"""words first (WordPiece pieces joined), each labelled by its first token"""
+AGGREGATION_AVERAGE: Aggregation.ValueType  # 4
+"""... by its tokens' averaged probabilities"""
+AGGREGATION_MAX: Aggregation.ValueType  # 5
+"""... by its most confident token"""
+Global___Aggregation: _TypeAlias = Aggregation  # noqa: Y015
 
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -61,12 +101,16 @@ class _ModelKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelKind.V
     MODEL_KIND_UNSPECIFIED: _ModelKind.ValueType  # 0
     MODEL_KIND_CLASSIFIER: _ModelKind.ValueType  # 1
     MODEL_KIND_GENERATOR: _ModelKind.ValueType  # 2
+    MODEL_KIND_EMBEDDER: _ModelKind.ValueType  # 3
+    MODEL_KIND_TOKEN_CLASSIFIER: _ModelKind.ValueType  # 4
 
 class ModelKind(_ModelKind, metaclass=_ModelKindEnumTypeWrapper): ...
 
 MODEL_KIND_UNSPECIFIED: ModelKind.ValueType  # 0
 MODEL_KIND_CLASSIFIER: ModelKind.ValueType  # 1
 MODEL_KIND_GENERATOR: ModelKind.ValueType  # 2
+MODEL_KIND_EMBEDDER: ModelKind.ValueType  # 3
+MODEL_KIND_TOKEN_CLASSIFIER: ModelKind.ValueType  # 4
 Global___ModelKind: _TypeAlias = ModelKind  # noqa: Y015
 
 @_typing.final
@@ -183,6 +227,255 @@ class ClassifyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClassifyResponse: _TypeAlias = ClassifyResponse  # noqa: Y015
+
+@_typing.final
+class EmbedRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------------------
+    Embeddings
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
+    NO_TRUNCATION_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The embedder to use; empty selects the only embedder the server hosts."""
+    no_truncation: _builtins.bool
+    """Reject (INVALID_ARGUMENT) a text longer than the model's limit instead of truncating it."""
+    dimensions: _builtins.int
+    """Keep only the first `dimensions` values of each vector (then L2-normalized again when the model
+    normalizes, as OpenAI's `dimensions` does); 0 (the default) keeps all ModelInfo.embedding_size of them.
+    """
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts to embed (at least one, at most the model's max_texts_per_request; none may be empty)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        no_truncation: _builtins.bool = ...,
+        dimensions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "model", b"model", "no_truncation", b"no_truncation", "texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class Embedding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """True when the text was cut to the model's maximum sequence length."""
+    num_tokens: _builtins.int
+    """Tokens the model saw for this text (special tokens included)."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The sentence vector: ModelInfo.embedding_size values, or EmbedRequest.dimensions."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+        truncated: _builtins.bool = ...,
+        num_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_tokens", b"num_tokens", "truncated", b"truncated", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    NORMALIZED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    model_version: _builtins.str
+    dimensions: _builtins.int
+    """Values per vector."""
+    normalized: _builtins.bool
+    """True when every vector has L2 norm 1 (cosine similarity is then a dot product)."""
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
+        """One vector per input text, in the order of the request."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+        dimensions: _builtins.int = ...,
+        normalized: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "embeddings", b"embeddings", "model", b"model", "model_version", b"model_version", "normalized", b"normalized"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
+
+@_typing.final
+class ClassifyTokensRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    NO_TRUNCATION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The token classifier to use; empty selects the only one the server hosts."""
+    aggregation: Global___Aggregation.ValueType
+    no_truncation: _builtins.bool
+    """Reject (INVALID_ARGUMENT) a text longer than the model's limit instead of truncating it."""
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts (at least one, at most the model's max_texts_per_request; none may be empty)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        aggregation: Global___Aggregation.ValueType = ...,
+        no_truncation: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "model", b"model", "no_truncation", b"no_truncation", "texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyTokensRequest: _TypeAlias = ClassifyTokensRequest  # noqa: Y015
+
+@_typing.final
+class Entity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    BYTE_START_FIELD_NUMBER: _builtins.int
+    BYTE_END_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_INDEX_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """The entity type without its B-/I- prefix ("PER"); with AGGREGATION_NONE the token's own label ("B-PER")."""
+    score: _builtins.float
+    """The label's probability (averaged over the entity's tokens or words when grouped)."""
+    start: _builtins.int
+    """The entity's span in the original text, in Unicode code points (Python string indices)..."""
+    end: _builtins.int
+    byte_start: _builtins.int
+    """... and in UTF-8 bytes (Go, Rust, C++ string indices)."""
+    byte_end: _builtins.int
+    text: _builtins.str
+    """The original text of the span."""
+    token_index: _builtins.int
+    """AGGREGATION_NONE: the token's position in the model's input (special tokens counted); otherwise -1."""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        score: _builtins.float = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        byte_start: _builtins.int = ...,
+        byte_end: _builtins.int = ...,
+        text: _builtins.str = ...,
+        token_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_end", b"byte_end", "byte_start", b"byte_start", "end", b"end", "label", b"label", "score", b"score", "start", b"start", "text", b"text", "token_index", b"token_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Entity: _TypeAlias = Entity  # noqa: Y015
+
+@_typing.final
+class TokenClassification(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTITIES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """True when the text was cut to the model's maximum sequence length (entities after the cut are not found)."""
+    num_tokens: _builtins.int
+    """Tokens the model saw for this text (special tokens included)."""
+    @_builtins.property
+    def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entity]:
+        """In order of their start; tokens labelled outside any entity ("O") are left out."""
+
+    def __init__(
+        self,
+        *,
+        entities: _abc.Iterable[Global___Entity] | None = ...,
+        truncated: _builtins.bool = ...,
+        num_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "num_tokens", b"num_tokens", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenClassification: _TypeAlias = TokenClassification  # noqa: Y015
+
+@_typing.final
+class ClassifyTokensResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    model_version: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The model's token labels (e.g. O, B-PER, I-PER, ...)."""
+
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenClassification]:
+        """One result per input text, in the order of the request."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        results: _abc.Iterable[Global___TokenClassification] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "model", b"model", "model_version", b"model_version", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyTokensResponse: _TypeAlias = ClassifyTokensResponse  # noqa: Y015
 
 @_typing.final
 class GenerationParameters(_message.Message):
@@ -486,15 +779,15 @@ class BatchingSettings(_message.Message):
     MAX_ACTIVE_SEQUENCES_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
-    """Classifiers: a batch holds at most this many sequences."""
+    """Encoders (classifiers, embedders, token classifiers): a batch holds at most this many sequences."""
     max_queue_delay_ms: _builtins.float
-    """Classifiers: the longest a request waits for others to join its batch."""
+    """Encoders: the longest a request waits for others to join its batch."""
     max_queue_size: _builtins.int
     """Requests waiting beyond this many are refused with RESOURCE_EXHAUSTED."""
     max_active_sequences: _builtins.int
     """Generators: sequences decoded together at most."""
     policy: _builtins.str
-    """The batching policy in force ("adaptive" or "fixed" for classifiers, "continuous" for generators)."""
+    """The batching policy in force ("adaptive" or "fixed" for encoders, "continuous" for generators)."""
     def __init__(
         self,
         *,
@@ -522,9 +815,9 @@ class ModelLimits(_message.Message):
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _builtins.int
     max_sequence_length: _builtins.int
-    """Tokens per text (classifiers) or prompt plus generated tokens (generators)."""
+    """Tokens per text (encoders) or prompt plus generated tokens (generators)."""
     max_texts_per_request: _builtins.int
-    """Classifiers: texts per request."""
+    """Encoders: texts per request."""
     max_new_tokens: _builtins.int
     """Generators: the largest max_new_tokens accepted, and the default when unset."""
     default_max_new_tokens: _builtins.int
@@ -563,6 +856,8 @@ class ModelInfo(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
     ARCHITECTURE_FIELD_NUMBER: _builtins.int
+    POOLING_FIELD_NUMBER: _builtins.int
+    NORMALIZED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     kind: Global___ModelKind.ValueType
@@ -571,16 +866,20 @@ class ModelInfo(_message.Message):
     variant: _builtins.str
     """The model file variant in use: "fp32", "fp16" or "int8"."""
     embedding_size: _builtins.int
-    """Classifiers: size of the pooled embedding (0 when the model has none)."""
+    """Classifiers and embedders: size of the pooled embedding (0 when the model has none)."""
     ready: _builtins.bool
     """True once the model is loaded and warmed up."""
     chat: _builtins.bool
     """Generators: the model has a chat template, so GenerateRequest.messages is accepted."""
     architecture: _builtins.str
     """The transformers model_type of the network, e.g. "bert", "gpt2", "llama", "qwen2"."""
+    pooling: _builtins.str
+    """Classifiers and embedders: how token vectors become the sentence vector ("mean", "cls" or "max")."""
+    normalized: _builtins.bool
+    """Embedders: the vectors have L2 norm 1."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Classifiers: the class labels."""
+        """Classifiers and token classifiers: the class labels."""
 
     @_builtins.property
     def limits(self) -> Global___ModelLimits: ...
@@ -601,10 +900,12 @@ class ModelInfo(_message.Message):
         ready: _builtins.bool = ...,
         chat: _builtins.bool = ...,
         architecture: _builtins.str = ...,
+        pooling: _builtins.str = ...,
+        normalized: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "batching", b"batching", "chat", b"chat", "embedding_size", b"embedding_size", "execution_provider", b"execution_provider", "kind", b"kind", "labels", b"labels", "limits", b"limits", "name", b"name", "ready", b"ready", "variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "batching", b"batching", "chat", b"chat", "embedding_size", b"embedding_size", "execution_provider", b"execution_provider", "kind", b"kind", "labels", b"labels", "limits", b"limits", "name", b"name", "normalized", b"normalized", "pooling", b"pooling", "ready", b"ready", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,6 +50,16 @@ class InferenceServiceStub:
                 request_serializer=nlpserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=nlpserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/nlpserve.v1.InferenceService/Embed',
+                request_serializer=nlpserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=nlpserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.ClassifyTokens = channel.unary_unary(
+                '/nlpserve.v1.InferenceService/ClassifyTokens',
+                request_serializer=nlpserve_dot_v1_dot_inference__pb2.ClassifyTokensRequest.SerializeToString,
+                response_deserializer=nlpserve_dot_v1_dot_inference__pb2.ClassifyTokensResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/nlpserve.v1.InferenceService/ListModels',
                 request_serializer=nlpserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
@@ -88,6 +98,20 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds texts with a sentence-embedding model (an embedder); requests from many clients are batched together.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyTokens(self, request, context):
+        """Finds entities (or labels every token) in texts with a token-classification model (NER); batched too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Lists the models the server hosts.
         """
@@ -119,6 +143,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=nlpserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=nlpserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=nlpserve_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=nlpserve_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'ClassifyTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifyTokens,
+                    request_deserializer=nlpserve_dot_v1_dot_inference__pb2.ClassifyTokensRequest.FromString,
+                    response_serializer=nlpserve_dot_v1_dot_inference__pb2.ClassifyTokensResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -212,6 +246,60 @@ class InferenceService:
             '/nlpserve.v1.InferenceService/GenerateStream',
             nlpserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             nlpserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nlpserve.v1.InferenceService/Embed',
+            nlpserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            nlpserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nlpserve.v1.InferenceService/ClassifyTokens',
+            nlpserve_dot_v1_dot_inference__pb2.ClassifyTokensRequest.SerializeToString,
+            nlpserve_dot_v1_dot_inference__pb2.ClassifyTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,8 +4,8 @@
 isort:skip_file
 The nlpserve inference API, version 1.
 
-One service for both kinds of model the server hosts: sequence classifiers (BERT-style encoders) and
-text generators (GPT-style decoders). Health is the standard grpc.health.v1.Health service (service ""
+One service for every kind of model the server hosts: BERT-style encoders (sequence classifiers, sentence
+embedders, token classifiers) and GPT/Llama-style decoders (text generators). Health is the standard grpc.health.v1.Health service (service ""
 for the whole server, and one service name per model: the model's name); reflection is enabled.
 """
 
@@ -46,6 +46,10 @@ class InferenceServiceStub:
     piled up while the client fell behind come as one message); the last message carries the finish
     reason, the token counts and the timings.
     """
+    Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
+    """Embeds texts with a sentence-embedding model (an embedder); requests from many clients are batched together."""
+    ClassifyTokens: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ClassifyTokensRequest, _inference_pb2.ClassifyTokensResponse]
+    """Finds entities (or labels every token) in texts with a token-classification model (NER); batched too."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     """Lists the models the server hosts."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelRequest, _inference_pb2.ModelInfo]
@@ -63,6 +67,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     piled up while the client fell behind come as one message); the last message carries the finish
     reason, the token counts and the timings.
     """
+    Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embeds texts with a sentence-embedding model (an embedder); requests from many clients are batched together."""
+    ClassifyTokens: _aio.UnaryUnaryMultiCallable[_inference_pb2.ClassifyTokensRequest, _inference_pb2.ClassifyTokensResponse]  # type: ignore[assignment]
+    """Finds entities (or labels every token) in texts with a token-classification model (NER); batched too."""
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models the server hosts."""
     GetModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelRequest, _inference_pb2.ModelInfo]  # type: ignore[assignment]
@@ -95,6 +103,22 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         piled up while the client fell behind come as one message); the last message carries the finish
         reason, the token counts and the timings.
         """
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
+        """Embeds texts with a sentence-embedding model (an embedder); requests from many clients are batched together."""
+
+    @_abc_1.abstractmethod
+    def ClassifyTokens(
+        self,
+        request: _inference_pb2.ClassifyTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ClassifyTokensResponse, _abc.Awaitable[_inference_pb2.ClassifyTokensResponse]]:
+        """Finds entities (or labels every token) in texts with a token-classification model (NER); batched too."""
 
     @_abc_1.abstractmethod
     def ListModels(

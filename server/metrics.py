@@ -17,6 +17,8 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # Batch-level metrics use these method labels (whether the request came through Generate or GenerateStream).
 CLASSIFY = "Classify"
+EMBED = "Embed"
+CLASSIFY_TOKENS = "ClassifyTokens"
 GENERATE = "Generate"
 
 

@@ -15,27 +15,47 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from .batching import DynamicBatcher
-from .classify import ClassifierModel
+from .batching import DynamicBatcher, WorkTimes
+from .classify import ClassifierModel, EncoderModel
 from .config import Settings
+from .embed import EmbedderModel
 from .errors import InvalidInput, ModelNotFound, Unavailable, shown
 from .generation.model import MAX_STOP_SEQUENCES, make_generator
 from .generation.scheduler import GenerationScheduler
-from .metrics import CLASSIFY, Metrics
-from .repository import CLASSIFIER, GENERATOR, ModelConfig
+from .metrics import CLASSIFY, CLASSIFY_TOKENS, EMBED, Metrics
+from .repository import CLASSIFIER, EMBEDDER, ENCODERS, GENERATOR, TOKEN_CLASSIFIER, ModelConfig
 from .runtime import Session
-from .types import ClassifyRequest, ClassifyResult, GenerateRequest, GenerationChunk, ModelDescription
+from .token_classify import TokenClassifierModel
+from .types import (
+    ClassifyRequest,
+    ClassifyResult,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    GenerationChunk,
+    ModelDescription,
+    TokenClassifyRequest,
+    TokenClassifyResult,
+)
 
 log = logging.getLogger(__name__)
 
 CONTINUOUS = "continuous"
 
+# Each encoder kind: its model class, the batcher's method label, and a request of given texts (warm-up).
+_ENCODERS = {
+    CLASSIFIER: (ClassifierModel, CLASSIFY, ClassifyRequest),
+    EMBEDDER: (EmbedderModel, EMBED, EmbedRequest),
+    TOKEN_CLASSIFIER: (TokenClassifierModel, CLASSIFY_TOKENS, TokenClassifyRequest),
+}
+
 
 @dataclass(eq=False)
 class ServedModel:
     description: ModelDescription
-    classifier: ClassifierModel | None = None
+    encoder: EncoderModel | None = None  # classifiers, embedders, token classifiers
     batcher: DynamicBatcher | None = None
     scheduler: GenerationScheduler | None = None
     session: Session | None = None
@@ -59,24 +79,28 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
     session = Session(path, settings.device, settings.intra_op_threads, settings.graph_optimization)
     queue_size = int(_batching(config, settings, "max_queue_size", 1024))
     version = str(config.version)
-    if config.kind == CLASSIFIER:
+    if config.kind in ENCODERS:
+        model_class, method, request_of = _ENCODERS[config.kind]
         max_batch = int(_batching(config, settings, "max_batch_size", 32))
         delay = float(_batching(config, settings, "max_queue_delay_ms", 5.0))
-        model = ClassifierModel(config, session, settings.max_texts_per_request, max_batch)
+        model = model_class(config, session, settings.max_texts_per_request, max_batch)
         description = ModelDescription(
             name=config.name,
             version=version,
-            kind=CLASSIFIER,
+            kind=config.kind,
             provider=session.provider,
             variant=variant,
             max_sequence_length=config.max_sequence_length,
             policy=settings.batch_policy.value,
             max_queue_size=queue_size,
             labels=config.labels,
-            embedding_size=model.embedding_size,
+            embedding_size=getattr(model, "embedding_size", 0),
             max_texts_per_request=settings.max_texts_per_request,
             max_batch_size=max_batch,
             max_queue_delay_ms=delay,
+            architecture=str(config.architecture.get("model_type", "")),
+            pooling=config.pooling if config.kind != TOKEN_CLASSIFIER else "",
+            normalized=config.normalize and config.kind == EMBEDDER,
         )
         batcher = DynamicBatcher(
             model.run,
@@ -86,14 +110,12 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             policy=settings.batch_policy,
             size=lambda r: len(r.texts),
             name=config.name,
-            method=CLASSIFY,
+            method=method,
             metrics=metrics,
         )
         started = time.monotonic()
-        # Warm-up: the first runs of a session allocate memory and pick kernels; pay that before SERVING.
-        for texts in (("warm up",), ("warm up " * 1000, "a") * 2):
-            model.run([ClassifyRequest(config.name, texts)])
-        served = ServedModel(description, classifier=model, batcher=batcher, session=session)
+        model.warm_up(lambda texts: request_of(config.name, texts))
+        served = ServedModel(description, encoder=model, batcher=batcher, session=session)
     else:
         active = int(_batching(config, settings, "max_active_sequences", 16))
         model = make_generator(config, session, active)
@@ -137,6 +159,16 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
     )
     metrics.model_info.labels(config.name, version, config.kind, session.provider, variant).set(1)
     return served
+
+
+def _named(kind: str) -> str:
+    return kind.replace("_", " ")
+
+
+def _a(kind: str) -> str:
+    """ "a classifier", "an embedder"."""
+    name = _named(kind)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _shifted(exc: InvalidInput, offset: int) -> InvalidInput:
@@ -207,25 +239,28 @@ class ModelHub:
             if not of_kind:
                 if self.loading:
                     raise Unavailable("models are loading")
-                raise ModelNotFound(f"this server hosts no {kind}")
+                raise ModelNotFound(f"this server hosts no {_named(kind)}")
             if len(of_kind) > 1:
                 raise InvalidInput(
                     "model",
-                    f"required: this server hosts several {kind}s ({', '.join(m.name for m in of_kind)})",
+                    f"required: this server hosts several {_named(kind)}s ({', '.join(m.name for m in of_kind)})",
                 )
             served = of_kind[0]
         else:
             served = self.get(name)
             if served.description.kind != kind:
-                raise InvalidInput("model", f"{shown(name)} is a {served.description.kind}, not a {kind}")
+                raise InvalidInput(
+                    "model", f"{shown(name)} is {_a(served.description.kind)}, not {_a(kind)}"
+                )
         if not served.ready:
             raise Unavailable(f"model {served.name} is not ready")
         return served
 
-    async def classify(
-        self, served: ServedModel, request: ClassifyRequest, deadline: float | None
-    ) -> ClassifyResult:
-        served.classifier.validate(request)
+    async def _encode(
+        self, served: ServedModel, request: Any, deadline: float | None, times: WorkTimes | None = None
+    ) -> list[Any]:
+        """One result per text of an encoder request, through the model's batcher (`times`: see WorkTimes)."""
+        served.encoder.validate(request)
         # A request of more texts than a batch holds goes in batch-sized parts, one after the other, so that
         # other callers' requests are batched between them rather than waiting for all of it (237 texts of the
         # longest kind held every other Classify for 30 s).
@@ -234,11 +269,43 @@ class ModelHub:
         for start in range(0, len(request.texts), size):
             part = dataclasses.replace(request, texts=request.texts[start : start + size])
             try:
-                results.extend(await served.batcher.submit(part, deadline))
+                results.extend(await served.batcher.submit(part, deadline, times))
             except InvalidInput as exc:  # its field counts texts from the part's start
                 raise _shifted(exc, start) from None
+        return results
+
+    async def classify(
+        self,
+        served: ServedModel,
+        request: ClassifyRequest,
+        deadline: float | None,
+        times: WorkTimes | None = None,
+    ) -> ClassifyResult:
+        results = await self._encode(served, request, deadline, times)
         d = served.description
         return ClassifyResult(d.name, d.version, d.labels, results)
+
+    async def embed(
+        self,
+        served: ServedModel,
+        request: EmbedRequest,
+        deadline: float | None,
+        times: WorkTimes | None = None,
+    ) -> EmbedResult:
+        results = await self._encode(served, request, deadline, times)
+        d = served.description
+        return EmbedResult(d.name, d.version, request.dimensions or d.embedding_size, d.normalized, results)
+
+    async def classify_tokens(
+        self,
+        served: ServedModel,
+        request: TokenClassifyRequest,
+        deadline: float | None,
+        times: WorkTimes | None = None,
+    ) -> TokenClassifyResult:
+        results = await self._encode(served, request, deadline, times)
+        d = served.description
+        return TokenClassifyResult(d.name, d.version, d.labels, results)
 
     def generate_stream(
         self, served: ServedModel, request: GenerateRequest, deadline: float | None

@@ -22,6 +22,11 @@ KV_CONCAT = "concat"
 KV_SHARED_BUFFER = "shared_buffer"
 CLASSIFIER = "classifier"
 GENERATOR = "generator"
+EMBEDDER = "embedder"
+TOKEN_CLASSIFIER = "token_classifier"
+KINDS = (CLASSIFIER, EMBEDDER, TOKEN_CLASSIFIER, GENERATOR)
+ENCODERS = (CLASSIFIER, EMBEDDER, TOKEN_CLASSIFIER)  # batched by the dynamic batcher
+POOLINGS = ("cls", "mean", "max")
 # Numbers of config.json checked at start-up, like the command-line flags: (field, least value, integer only).
 _NUMBERS = (
     ("version", 1, True),
@@ -59,6 +64,7 @@ class ModelConfig:
     batching: dict[str, Any]
     labels: tuple[str, ...] = ()
     pooling: str = "cls"
+    normalize: bool = False  # embedders: the graph L2-normalizes its vectors
     generation: dict[str, Any] = dataclasses.field(default_factory=dict)
     kv_cache: str = KV_CONCAT
     default_variant: str = "fp32"
@@ -95,8 +101,8 @@ class ModelConfig:
                     f"{' and '.join(map(str, FORMAT_VERSIONS))}"
                 )
             kind = raw["kind"]
-            if kind not in (CLASSIFIER, GENERATOR):
-                raise StartupError(f"{path}: unknown kind {kind!r}")
+            if kind not in KINDS:
+                raise StartupError(f"{path}: unknown kind {kind!r} (this server serves {', '.join(KINDS)})")
             onnx = raw["onnx"]
             config = cls(
                 name=raw["name"],
@@ -111,7 +117,8 @@ class ModelConfig:
                 variants=dict(onnx.get("variants") or {"fp32": "model.onnx"}),
                 batching=dict(raw.get("batching", {})),
                 labels=tuple(raw.get("labels", ())),
-                pooling=raw.get("pooling", "cls"),
+                pooling=raw.get("pooling", "mean" if kind == EMBEDDER else "cls"),
+                normalize=raw.get("normalize", False),
                 generation=dict(raw.get("generation", {})),
                 kv_cache=onnx.get("kv_cache", KV_CONCAT),
                 default_variant=onnx.get("default_variant", "fp32"),
@@ -122,8 +129,8 @@ class ModelConfig:
             raise StartupError(
                 f"{path}: name {config.name!r} differs from its folder {version_dir.parent.name!r}"
             )
-        if kind == CLASSIFIER and not config.labels:
-            raise StartupError(f"{path}: a classifier needs labels")
+        if kind in (CLASSIFIER, TOKEN_CLASSIFIER) and not config.labels:
+            raise StartupError(f"{path}: a {kind} needs labels")
         if config.kv_cache not in (KV_CONCAT, KV_SHARED_BUFFER):
             raise StartupError(
                 f"{path}: onnx.kv_cache {config.kv_cache!r}, expected {KV_CONCAT!r} or {KV_SHARED_BUFFER!r}"
@@ -161,8 +168,10 @@ def _check_fields(path: Path, raw: dict[str, Any]) -> None:
     labels = raw.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise bad("labels", labels, "a list of strings")
-    if raw.get("kind") == CLASSIFIER and raw.get("pooling", "cls") not in ("cls", "mean", "max"):
+    if raw.get("kind") in (CLASSIFIER, EMBEDDER) and raw.get("pooling", "cls") not in POOLINGS:
         raise bad("pooling", raw.get("pooling"), '"cls", "mean" or "max"')
+    if not isinstance(raw.get("normalize", False), bool):
+        raise bad("normalize", raw.get("normalize"), "true or false")
 
 
 def scan(models_dir: Path) -> list[ModelConfig]:

@@ -11,9 +11,15 @@ import enum
 
 from client.proto import inference_pb2 as pb
 
-from .repository import CLASSIFIER, GENERATOR
+from .errors import InvalidInput
+from .repository import CLASSIFIER, EMBEDDER, GENERATOR, TOKEN_CLASSIFIER
 
-_KINDS = {CLASSIFIER: pb.MODEL_KIND_CLASSIFIER, GENERATOR: pb.MODEL_KIND_GENERATOR}
+_KINDS = {
+    CLASSIFIER: pb.MODEL_KIND_CLASSIFIER,
+    EMBEDDER: pb.MODEL_KIND_EMBEDDER,
+    TOKEN_CLASSIFIER: pb.MODEL_KIND_TOKEN_CLASSIFIER,
+    GENERATOR: pb.MODEL_KIND_GENERATOR,
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -62,6 +68,120 @@ class ClassifyResult:
                     truncated=r.truncated,
                     num_tokens=r.num_tokens,
                     embedding=r.embedding or (),
+                )
+                for r in self.results
+            ],
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    model: str
+    texts: tuple[str, ...]
+    no_truncation: bool = False
+    dimensions: int = 0  # 0: all of them
+
+    @classmethod
+    def from_pb(cls, req: pb.EmbedRequest) -> EmbedRequest:
+        return cls(req.model, tuple(req.texts), req.no_truncation, req.dimensions)
+
+
+@dataclasses.dataclass(slots=True)
+class Embedding:
+    values: list[float]
+    truncated: bool
+    num_tokens: int
+
+
+@dataclasses.dataclass(slots=True)
+class EmbedResult:
+    model: str
+    version: str
+    dimensions: int
+    normalized: bool
+    embeddings: list[Embedding]
+
+    def to_pb(self) -> pb.EmbedResponse:
+        return pb.EmbedResponse(
+            model=self.model,
+            model_version=self.version,
+            dimensions=self.dimensions,
+            normalized=self.normalized,
+            embeddings=[
+                pb.Embedding(values=e.values, truncated=e.truncated, num_tokens=e.num_tokens)
+                for e in self.embeddings
+            ],
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Token classification
+
+# The aggregation strategies by their transformers names; AGGREGATION_UNSPECIFIED is "simple".
+AGGREGATIONS = {
+    pb.AGGREGATION_UNSPECIFIED: "simple",
+    pb.AGGREGATION_NONE: "none",
+    pb.AGGREGATION_SIMPLE: "simple",
+    pb.AGGREGATION_FIRST: "first",
+    pb.AGGREGATION_AVERAGE: "average",
+    pb.AGGREGATION_MAX: "max",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenClassifyRequest:
+    model: str
+    texts: tuple[str, ...]
+    aggregation: str = "simple"  # a transformers aggregation_strategy name
+    no_truncation: bool = False
+
+    @classmethod
+    def from_pb(cls, req: pb.ClassifyTokensRequest) -> TokenClassifyRequest:
+        if req.aggregation not in AGGREGATIONS:
+            raise InvalidInput("aggregation", f"unknown value {req.aggregation}")
+        return cls(req.model, tuple(req.texts), AGGREGATIONS[req.aggregation], req.no_truncation)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entity:
+    label: str
+    score: float
+    start: int  # Unicode code points into the original text
+    end: int
+    byte_start: int  # UTF-8 bytes
+    byte_end: int
+    text: str
+    token_index: int = -1  # aggregation "none" only
+
+
+@dataclasses.dataclass(slots=True)
+class TokenClassification:
+    entities: list[Entity]
+    truncated: bool
+    num_tokens: int
+
+
+@dataclasses.dataclass(slots=True)
+class TokenClassifyResult:
+    model: str
+    version: str
+    labels: tuple[str, ...]
+    results: list[TokenClassification]
+
+    def to_pb(self) -> pb.ClassifyTokensResponse:
+        return pb.ClassifyTokensResponse(
+            model=self.model,
+            model_version=self.version,
+            labels=self.labels,
+            results=[
+                pb.TokenClassification(
+                    entities=[pb.Entity(**dataclasses.asdict(e)) for e in r.entities],
+                    truncated=r.truncated,
+                    num_tokens=r.num_tokens,
                 )
                 for r in self.results
             ],
@@ -213,6 +333,8 @@ class ModelDescription:
     max_stop_sequences: int = 0
     architecture: str = ""
     chat: bool = False
+    pooling: str = ""
+    normalized: bool = False
 
     def to_pb(self, ready: bool) -> pb.ModelInfo:
         return pb.ModelInfo(
@@ -240,4 +362,6 @@ class ModelDescription:
             ready=ready,
             chat=self.chat,
             architecture=self.architecture,
+            pooling=self.pooling,
+            normalized=self.normalized,
         )

@@ -12,8 +12,8 @@ from client.proto import inference_pb2 as pb
 
 from ..metrics import Metrics
 from ..models import ModelHub
-from ..repository import CLASSIFIER, GENERATOR
-from ..types import ClassifyRequest, GenerateRequest
+from ..repository import CLASSIFIER, EMBEDDER, GENERATOR, TOKEN_CLASSIFIER
+from ..types import ClassifyRequest, EmbedRequest, GenerateRequest, TokenClassifyRequest
 from .status import Call, Gate, stream, unary
 
 
@@ -31,6 +31,22 @@ class InferenceServicer:
         served = self.hub.pick(request.model, CLASSIFIER)
         call.model = served.name
         result = await self.hub.classify(served, ClassifyRequest.from_pb(request), call.deadline)
+        return result.to_pb()
+
+    @unary("Embed", pb.EmbedRequest)
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext, call: Call) -> pb.EmbedResponse:
+        served = self.hub.pick(request.model, EMBEDDER)
+        call.model = served.name
+        result = await self.hub.embed(served, EmbedRequest.from_pb(request), call.deadline)
+        return result.to_pb()
+
+    @unary("ClassifyTokens", pb.ClassifyTokensRequest)
+    async def ClassifyTokens(
+        self, request: pb.ClassifyTokensRequest, context: grpc.aio.ServicerContext, call: Call
+    ) -> pb.ClassifyTokensResponse:
+        served = self.hub.pick(request.model, TOKEN_CLASSIFIER)
+        call.model = served.name
+        result = await self.hub.classify_tokens(served, TokenClassifyRequest.from_pb(request), call.deadline)
         return result.to_pb()
 
     @unary("Generate", pb.GenerateRequest)

@@ -52,9 +52,11 @@ def client(target):
 
 def test_list_and_get_models(client):
     models = {m.name: m for m in client.list_models()}
-    assert set(models) == {"sentiment", "docgpt"}
-    sentiment, docgpt = models["sentiment"], models["docgpt"]
+    assert set(models) == {"sentiment", "minilm-embed", "docgpt"}
+    sentiment, docgpt, embedder = models["sentiment"], models["docgpt"], models["minilm-embed"]
     assert sentiment.kind is ModelKind.CLASSIFIER and docgpt.kind is ModelKind.GENERATOR
+    assert embedder.kind is ModelKind.EMBEDDER and embedder.normalized and embedder.pooling == "mean"
+    assert embedder.embedding_size > 0
     assert len(sentiment.labels) >= 2 and sentiment.limits.max_texts_per_request > 0
     assert docgpt.limits.max_new_tokens > 0 and docgpt.batching.max_active_sequences > 0
     for m in models.values():
@@ -69,6 +71,7 @@ def test_models_command(target):
     assert lines[0].split()[:2] == ["NAME", "KIND"]
     assert sorted(line.split()[:2] for line in lines[1:]) == [
         ["docgpt", "generator"],
+        ["minilm-embed", "embedder"],
         ["sentiment", "classifier"],
     ]
 
@@ -76,6 +79,7 @@ def test_models_command(target):
     data = json.loads(out)
     assert code == 0 and {m["name"]: m["kind"] for m in data["models"]} == {
         "sentiment": "classifier",
+        "minilm-embed": "embedder",
         "docgpt": "generator",
     }
 
@@ -370,7 +374,7 @@ def test_async_client(target, client):
     async def scenario() -> None:
         async with AsyncClient(target, timeout=60) as c:
             models = await c.list_models()
-            assert {m.name for m in models} == {"sentiment", "docgpt"}
+            assert {m.name for m in models} == {"sentiment", "minilm-embed", "docgpt"}
             assert (await c.get_model("docgpt")).kind is ModelKind.GENERATOR
             assert await c.health() == "SERVING"
             # Concurrent requests: the server may batch them; each gets its own answer, in order.

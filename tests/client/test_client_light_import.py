@@ -108,7 +108,7 @@ def test_the_light_client_talks_to_the_real_server(target):
         target,
         [["classify", "a fine film"], ["generate", "Return the", "--max-new-tokens", "4"], ["health"]],
     )
-    assert report["sync"] == "SERVING" and report["async"] == ["docgpt", "sentiment"]
+    assert report["sync"] == "SERVING" and report["async"] == ["docgpt", "minilm-embed", "sentiment"]
     (classify_code, classify_out, _), (gen_code, gen_out, _), (health_code, health_out, _) = report["cli"]
     assert classify_code == 0 and classify_out.rstrip().endswith("a fine film")
     assert gen_code == 0 and gen_out.endswith("\n")

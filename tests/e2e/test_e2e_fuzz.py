@@ -117,7 +117,7 @@ class Oracle:
             tokenizer = Tokenizer.from_file(str(path)) if path.exists() else None
             if tokenizer is not None:
                 tokenizer.no_padding()
-                if info.kind == pb.MODEL_KIND_CLASSIFIER:
+                if info.kind in (pb.MODEL_KIND_CLASSIFIER, pb.MODEL_KIND_EMBEDDER):
                     tokenizer.enable_truncation(info.limits.max_sequence_length)
                 else:
                     tokenizer.no_truncation()
@@ -144,12 +144,24 @@ class Oracle:
         served, failures = self.pick(req.model, pb.MODEL_KIND_CLASSIFIER)
         if served is None:
             return failures
+        if req.return_embedding and not served.info.embedding_size:
+            failures.append(Outcome(INVALID, "return_embedding"))
+        return self.texts_outcomes(served, req, failures)
+
+    def embed(self, req: pb.EmbedRequest) -> list[Outcome]:
+        served, failures = self.pick(req.model, pb.MODEL_KIND_EMBEDDER)
+        if served is None:
+            return failures
+        if not 0 <= req.dimensions <= served.info.embedding_size:
+            failures.append(Outcome(INVALID, "dimensions"))
+        return self.texts_outcomes(served, req, failures)
+
+    def texts_outcomes(self, served: Served, req: Message, failures: list[Outcome]) -> list[Outcome]:
+        """The outcomes of an encoder request's texts, after the failures of its other fields."""
         info = served.info
         if not req.texts or len(req.texts) > info.limits.max_texts_per_request:
             failures.append(Outcome(INVALID, "texts"))
         failures += [Outcome(INVALID, f"texts[{i}]") for i, t in enumerate(req.texts) if not t]
-        if req.return_embedding and not info.embedding_size:
-            failures.append(Outcome(INVALID, "return_embedding"))
         if req.no_truncation and not failures:
             if served.tokenizer is None:
                 return [Outcome(OK), *(Outcome(INVALID, f"texts[{i}]") for i in range(len(req.texts)))]
@@ -218,6 +230,8 @@ class Oracle:
             return [Outcome(RESOURCE_EXHAUSTED)]  # gRPC refuses it before the server sees it
         if method == "Classify":
             return self.classify(req)
+        if method == "Embed":
+            return self.embed(req)
         if method in ("Generate", "GenerateStream"):
             return self.generate(req)
         if method == "GetModel":
@@ -291,6 +305,22 @@ def check_classification(oracle: Oracle, req: pb.ClassifyRequest, r: pb.Classify
             assert c.num_tokens == info.limits.max_sequence_length, "truncated, yet shorter than the limit"
         assert len(c.embedding) == (info.embedding_size if req.return_embedding else 0)
         assert all(math.isfinite(x) for x in c.embedding)
+
+
+def check_embedding(oracle: Oracle, req: pb.EmbedRequest, r: pb.EmbedResponse) -> None:
+    served, _ = oracle.pick(req.model, pb.MODEL_KIND_EMBEDDER)
+    info = served.info
+    assert r.model == info.name and r.model_version == info.version
+    assert r.dimensions == (req.dimensions or info.embedding_size) and r.normalized == info.normalized
+    assert len(r.embeddings) == len(req.texts)
+    for text, e in zip(req.texts, r.embeddings):
+        assert len(e.values) == r.dimensions and all(math.isfinite(x) for x in e.values)
+        if r.normalized:
+            assert math.sqrt(sum(x * x for x in e.values)) == pytest.approx(1.0, abs=1e-4)
+        assert 0 < e.num_tokens <= info.limits.max_sequence_length
+        assert not (req.no_truncation and e.truncated)
+        if e.truncated and not Oracle.maybe_cut(info, text):
+            assert e.num_tokens == info.limits.max_sequence_length, "truncated, yet shorter than the limit"
 
 
 def check_generation(oracle: Oracle, req: pb.GenerateRequest, messages: list[pb.GenerateResponse]) -> None:
@@ -453,6 +483,21 @@ def classify_requests(oracle: Oracle) -> st.SearchStrategy[pb.ClassifyRequest]:
     )
 
 
+def embed_requests(oracle: Oracle) -> st.SearchStrategy[pb.EmbedRequest]:
+    dims = [m.info.embedding_size for m in oracle.of_kind(pb.MODEL_KIND_EMBEDDER)] or [0]
+    edges = [0, 1, *dims, *(d + 1 for d in dims), -1]
+    return st.builds(
+        pb.EmbedRequest,
+        model=model_names(oracle, pb.MODEL_KIND_EMBEDDER),
+        texts=mostly(
+            st.lists(_nonempty_text, min_size=1, max_size=6),
+            st.one_of(st.lists(texts, max_size=6), st.lists(_short_text, max_size=40)),
+        ),
+        no_truncation=st.booleans(),
+        dimensions=mostly(st.sampled_from(edges), int32s),
+    )
+
+
 def get_model_requests(oracle: Oracle) -> st.SearchStrategy[pb.GetModelRequest]:
     names = sorted(oracle.models)
     return st.builds(pb.GetModelRequest, name=mostly(st.sampled_from(names), model_names(oracle, 0)))
@@ -603,6 +648,23 @@ def test_fuzz_classify(stub, oracle, clean_log):
     assert_reached("Classify", OK, INVALID, NOT_FOUND)
 
 
+def test_fuzz_embed(stub, oracle, clean_log):
+    @fuzz(100)
+    @given(req=embed_requests(oracle).map(Shown))
+    @shown_example(req=pb.EmbedRequest(texts=["x" * 100_000], no_truncation=True))
+    @shown_example(req=pb.EmbedRequest(texts=["a", ""], dimensions=3))
+    @shown_example(req=pb.EmbedRequest(texts=["a"], dimensions=-(2**31)))
+    def run(req: Shown) -> None:
+        req = req.value
+        result = call_unary(stub.Embed, req)
+        check_status(result, oracle.outcomes("Embed", req), f"Embed({_brief(req)})")
+        if result.code is OK:
+            check_embedding(oracle, req, result.responses[0])
+
+    run()
+    assert_reached("Embed", OK, INVALID, NOT_FOUND)
+
+
 def test_fuzz_generate_and_generate_stream(stub, oracle, clean_log):
     """Each request goes both ways: the same status, and for a deterministic one (greedy or seeded) the same
     answer, the stream's messages joined being the unary answer."""
@@ -710,6 +772,7 @@ def test_fuzz_list_and_get_model(stub, oracle, clean_log):
 def test_fuzz_concurrent_mixed_requests(stub, oracle, clean_log):
     calls = {
         "Classify": (stub.Classify, classify_requests(oracle), call_unary),
+        "Embed": (stub.Embed, embed_requests(oracle), call_unary),
         "Generate": (stub.Generate, generate_requests(oracle), call_unary),
         "GenerateStream": (stub.GenerateStream, generate_requests(oracle), call_stream),
         "GetModel": (stub.GetModel, get_model_requests(oracle), call_unary),
@@ -729,6 +792,8 @@ def test_fuzz_concurrent_mixed_requests(stub, oracle, clean_log):
                 check_status(result, oracle.outcomes(method, req), f"{method}({_brief(req)})")
                 if result.code is OK and method == "Classify":
                     check_classification(oracle, req, result.responses[0])
+                elif result.code is OK and method == "Embed":
+                    check_embedding(oracle, req, result.responses[0])
                 elif result.code is OK and method.startswith("Generate"):
                     check_generation(oracle, req, result.responses)
 
@@ -759,6 +824,7 @@ BAD_UTF8 = [b"\xff", b"\xc3", b"a\x80b", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x9
 # Where each request type holds strings: (field, ) or (nested message field, its string field).
 STRING_FIELDS = {
     "Classify": [(1,), (2,)],
+    "Embed": [(1,), (2,)],
     "Generate": [(1,), (2,), (3, 7), (4, 1), (4, 2)],
     "GenerateStream": [(1,), (2,), (3, 7), (4, 1), (4, 2)],
     "GetModel": [(1,)],
@@ -766,6 +832,7 @@ STRING_FIELDS = {
 }
 REQUEST_TYPES = {
     "Classify": pb.ClassifyRequest,
+    "Embed": pb.EmbedRequest,
     "Generate": pb.GenerateRequest,
     "GenerateStream": pb.GenerateRequest,
     "GetModel": pb.GetModelRequest,
@@ -773,6 +840,7 @@ REQUEST_TYPES = {
 }
 RESPONSE_TYPES = {
     "Classify": pb.ClassifyResponse,
+    "Embed": pb.EmbedResponse,
     "Generate": pb.GenerateResponse,
     "GenerateStream": pb.GenerateResponse,
     "GetModel": pb.ModelInfo,
@@ -823,12 +891,13 @@ def _raw_call(channel: grpc.Channel, method: str, body: bytes) -> Result:
     return call_unary(channel.unary_unary(SERVICE + method), body)
 
 
-@pytest.mark.parametrize("method", ["Classify", "Generate", "GenerateStream", "GetModel", "ListModels"])
+@pytest.mark.parametrize("method", ["Classify", "Embed", "Generate", "GenerateStream", "GetModel", "ListModels"])
 def test_fuzz_raw_bodies(channel, oracle, method, clean_log):
     """A body that is not a valid message (the protobuf refuses it here too) gets INVALID_ARGUMENT; one that is
     gets what that message gets."""
     valid = {
         "Classify": classify_requests(oracle),
+        "Embed": embed_requests(oracle),
         "Generate": generate_requests(oracle),
         "GenerateStream": generate_requests(oracle),
         "GetModel": get_model_requests(oracle),
@@ -860,6 +929,8 @@ def test_fuzz_raw_bodies(channel, oracle, method, clean_log):
             answers = [RESPONSE_TYPES[method].FromString(b) for b in result.responses]
             if method == "Classify":
                 check_classification(oracle, parsed, answers[0])
+            elif method == "Embed":
+                check_embedding(oracle, parsed, answers[0])
             elif method.startswith("Generate"):
                 check_generation(oracle, parsed, answers)
 
@@ -871,7 +942,7 @@ def test_fuzz_raw_bodies(channel, oracle, method, clean_log):
 # ------------------------------------------------------------------------------------------------------------
 # A unary call that sends no message (or two)
 
-UNARY_METHODS = ["Classify", "Generate", "GetModel", "ListModels"]
+UNARY_METHODS = ["Classify", "ClassifyTokens", "Embed", "Generate", "GetModel", "ListModels"]
 NO_MESSAGE_DEADLINE = 10.0  # seconds: a status takes milliseconds; a server that waits forever meets this
 
 

@@ -86,7 +86,7 @@ def test_metric_names_types_and_labels(srv, stub):
     methods = {s.labels["method"] for s in families["nlpserve_requests"].samples}
     assert {"Classify", "Generate", "GenerateStream", "ListModels"} <= methods
     batch_methods = {s.labels["method"] for s in families["nlpserve_batch_size"].samples}
-    assert batch_methods == {"Classify", "Generate"}
+    assert batch_methods == {"Classify", "Embed", "Generate"}
     info = {s.labels["model"]: s.labels for s in families["nlpserve_model_info"].samples}
     assert info["docgpt"]["provider"] == "CPUExecutionProvider" and info["sentiment"]["kind"] == "classifier"
 

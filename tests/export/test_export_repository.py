@@ -19,8 +19,8 @@ def config(repo: Path, name: str) -> dict:
 
 
 def test_layout(quick_repo: Path) -> None:
-    assert sorted(p.name for p in quick_repo.iterdir()) == ["docgpt", "sentiment"]
-    for name in ("sentiment", "docgpt"):
+    assert sorted(p.name for p in quick_repo.iterdir()) == ["docgpt", "minilm-embed", "sentiment"]
+    for name in ("sentiment", "minilm-embed", "docgpt"):
         assert sorted(p.name for p in (quick_repo / name).iterdir()) == ["1"]
         files = {p.name for p in (quick_repo / name / "1").iterdir()}
         assert {"config.json", "model.onnx", "tokenizer.json"} <= files
@@ -29,7 +29,7 @@ def test_layout(quick_repo: Path) -> None:
     assert [p.name for p in quick_repo.parent.iterdir()] == ["models"]
 
 
-@pytest.mark.parametrize("name", ["sentiment", "docgpt"])
+@pytest.mark.parametrize("name", ["sentiment", "minilm-embed", "docgpt"])
 def test_config_common_fields(quick_repo: Path, name: str) -> None:
     c = config(quick_repo, name)
     assert c["format_version"] == 1 and c["name"] == name and c["version"] == 1

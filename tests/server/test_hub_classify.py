@@ -26,7 +26,7 @@ def hub_of(classifier, run) -> tuple[ModelHub, ServedModel]:
         max_sequence_length=classifier.config.max_sequence_length, policy="adaptive", max_queue_size=64,
     )
     hub = ModelHub()
-    served = ServedModel(description, classifier=classifier, batcher=batcher, ready=True)
+    served = ServedModel(description, encoder=classifier, batcher=batcher, ready=True)
     hub.add(served)
     return hub, served
 

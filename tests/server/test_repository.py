@@ -15,7 +15,7 @@ from server.repository import ModelConfig, scan
 
 
 def test_the_quick_demo_and_the_llm_repository_pass(quick_repo: Path, llm_repo: Path) -> None:
-    assert [c.name for c in scan(quick_repo)] == ["docgpt", "sentiment"]
+    assert [c.name for c in scan(quick_repo)] == ["docgpt", "minilm-embed", "sentiment"]
     assert {c.name: c.kv_cache for c in scan(llm_repo)} == {"tinyllama": "shared_buffer", "tinyqwen": "shared_buffer"}
 
 

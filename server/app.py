@@ -1,13 +1,16 @@
 """serve(): the grpc.aio server and the standard parts around the core, wired in one place: the inference
-servicer, health (grpc.health.v1), reflection, the Prometheus endpoint, signals and the graceful drain.
+servicer, health (grpc.health.v1), reflection, the Prometheus endpoint, the OpenAI-compatible HTTP API
+(uvicorn, on this same event loop), signals and the graceful drain.
 
 Life of the process:
 1. the gRPC port opens at once with every health service NOT_SERVING, so orchestrators can watch start-up;
+   then the HTTP port (its /health answers 503 until step 2 ends);
 2. each model loads (its execution provider checked) and warms up off the event loop; once all have, every
    model's health service, then "" and nlpserve.v1.InferenceService, turn SERVING and the ready file is written;
 3. on SIGTERM or SIGINT every health service turns NOT_SERVING; after `drain_delay_seconds` (0 by default) of
-   serving on, so that load balancers can notice, new requests get UNAVAILABLE, in-flight requests and streams
-   get `grace_seconds` to finish, then the server stops and the process exits 0.
+   serving on, so that load balancers can notice, new requests get UNAVAILABLE (503 over HTTP), in-flight
+   requests and streams of both ports get `grace_seconds` to finish, then the server stops and the process
+   exits 0.
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ from client.proto import inference_pb2
 
 from .config import Settings
 from .errors import StartupError
+from .http import HttpServer
 from .metrics import Metrics
 from .models import ModelHub, load_model
 from .repository import scan
-from .security import api_key_interceptors, load_tls
+from .security import ApiKeyInterceptor, api_key_interceptors, load_tls
 from .servicers.inference import InferenceServicer
+from .servicers.kserve import SERVICE as KSERVE_SERVICE
+from .servicers.kserve import KServeServicer
+from .servicers.openai_http import OpenAIFront
 from .servicers.status import Gate, add_to_server
 
 log = logging.getLogger(__name__)
@@ -48,10 +55,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 STOP_GRACE_SECONDS = 1.0
 
 
-def write_ready_file(path: Path, grpc_port: int, metrics_port: int) -> None:
+def write_ready_file(path: Path, grpc_port: int, metrics_port: int, http_port: int = -1) -> None:
     """Writes the ready file atomically: a reader sees either nothing or the whole JSON."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}))
+    ports = {"grpc_port": grpc_port, "metrics_port": metrics_port, "http_port": http_port}
+    tmp.write_text(json.dumps({**ports, "pid": os.getpid()}))
     os.replace(tmp, path)
 
 
@@ -59,11 +67,12 @@ async def serve(
     settings: Settings,
     registry: CollectorRegistry | None = None,
     stop: asyncio.Event | None = None,
-    on_ready: Callable[[int, int], None] | None = None,
+    on_ready: Callable[[int, int, int], None] | None = None,
 ) -> int:
     """Runs the server until SIGTERM/SIGINT (or `stop` is set); returns the process exit code.
 
-    `registry`, `stop` and `on_ready(grpc_port, metrics_port)` let tests run it in-process.
+    `registry`, `stop` and `on_ready(grpc_port, metrics_port, http_port)` let tests run it in-process (a port
+    that is off is -1).
     """
     configs = scan(settings.models)  # a bad repository fails before any port opens
     metrics = Metrics(registry)
@@ -113,9 +122,16 @@ async def serve(
     hub, gate = ModelHub(loading=tuple(c.name for c in configs), on_unhealthy=unhealthy), Gate()
     servicer = InferenceServicer(hub, metrics, gate, settings.unread_stream_seconds)
     add_to_server(servicer, inference_pb2.DESCRIPTOR.services_by_name["InferenceService"], server)
+    # The Open Inference Protocol (KServe v2, Triton's gRPC) on the same port and the same hub: shared batches.
+    add_to_server(KServeServicer(hub, metrics, gate, settings.unread_stream_seconds), KSERVE_SERVICE, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [
+            SERVICE_NAME,
+            KSERVE_SERVICE.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     services = ["", SERVICE_NAME, *(c.name for c in configs)]
@@ -137,11 +153,31 @@ async def serve(
             f"--port {settings.port}: cannot listen on {settings.host}:{settings.port} (in use?)"
         )
     await server.start()
+    http_port, http, front = -1, None, None
+    if settings.http_port >= 0:
+        keys = next((i for i in interceptors if isinstance(i, ApiKeyInterceptor)), None)
+        front = OpenAIFront(
+            hub,
+            metrics,
+            gate,
+            max_body_bytes=limit,
+            unread_timeout=settings.unread_stream_seconds,
+            authorized=None if keys is None else lambda value: keys.authorized([("authorization", value)]),
+        )
+        http = HttpServer(front.app(), settings.host, settings.http_port, tls)
+        try:
+            http_port = await http.start()
+        except StartupError:
+            await server.stop(0)
+            if httpd is not None:
+                httpd.shutdown()
+            raise
     log.info(
-        "gRPC on %s:%d, metrics on port %d; loading %d models",
+        "gRPC on %s:%d, metrics on port %d, HTTP (OpenAI API) on port %d; loading %d models",
         settings.host,
         grpc_port,
         metrics_port,
+        http_port,
         len(configs),
     )
 
@@ -158,6 +194,8 @@ async def serve(
             log.error("cannot load model %s: %s: %s", config.name, type(exc).__name__, exc)
             log.debug("load failure", exc_info=True)
         await server.stop(0)
+        if http is not None:
+            await http.stop(0)
         if httpd is not None:
             httpd.shutdown()
         return 1
@@ -165,15 +203,19 @@ async def serve(
     if not stop.is_set():
         for name in services[::-1]:  # the models first, the whole server last
             await health.set(name, SERVING)
+        if front is not None:
+            front.serving = True
         log.info("SERVING %s", ", ".join(f"{m.name} ({m.description.provider})" for m in hub.models.values()))
         if settings.ready_file is not None:
-            write_ready_file(settings.ready_file, grpc_port, metrics_port)
+            write_ready_file(settings.ready_file, grpc_port, metrics_port, http_port)
         if on_ready is not None:
-            on_ready(grpc_port, metrics_port)
+            on_ready(grpc_port, metrics_port, http_port)
 
     await stop.wait()
     started = time.monotonic()
     await health.enter_graceful_shutdown()
+    if front is not None:
+        front.serving = False  # /health: 503, like gRPC health's NOT_SERVING
     # A second signal during the drain cuts it short (an impatient Ctrl-C, or an orchestrator's retry).
     force = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -202,7 +244,8 @@ async def serve(
         log.warning("%s: cancelling %d requests still in flight", reason, gate.in_flight)
     # Not stop(0): a call that reached gRPC just now but whose handler has not run yet would be cancelled
     # (CANCELLED, which retry policies do not retry); given a moment, its handler answers UNAVAILABLE.
-    await server.stop(0 if force.is_set() else STOP_GRACE_SECONDS)
+    stop_grace = 0 if force.is_set() else STOP_GRACE_SECONDS
+    await asyncio.gather(server.stop(stop_grace), *([http.stop(stop_grace)] if http is not None else []))
     await hub.close()
     if httpd is not None:
         httpd.shutdown()

@@ -65,6 +65,10 @@ class Settings:
     metrics_port: int = field(
         default=8000, metadata=_help("Prometheus /metrics HTTP port (0 picks a free one; -1 disables)")
     )
+    http_port: int = field(
+        default=8080,
+        metadata=_help("OpenAI-compatible HTTP API port, /v1/... (0 picks a free one; -1 disables)"),
+    )
     device: Device = field(
         default=Device.AUTO,
         metadata=_help("execution provider to use; cuda and tensorrt fail at start-up when not active"),
@@ -119,14 +123,15 @@ class Settings:
         ),
     )
     ready_file: Path | None = field(
-        default=None, metadata=_help("write {grpc_port, metrics_port, pid} as JSON here once SERVING")
+        default=None,
+        metadata=_help("write {grpc_port, metrics_port, http_port, pid} as JSON here once SERVING"),
     )
     log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
     # TLS and API keys (server/security.py). The keys themselves never come from a flag, whose value would
     # show in `ps`: from --api-keys-file or the environment variable NLPSERVE_API_KEYS.
     tls_cert: Path | None = field(
         default=None,
-        metadata=_help("TLS on the gRPC and metrics ports: the server's certificate chain (PEM)"),
+        metadata=_help("TLS on the gRPC, HTTP and metrics ports: the server's certificate chain (PEM)"),
     )
     tls_key: Path | None = field(
         default=None, metadata=_help("the private key of --tls-cert (PEM, unencrypted)")
@@ -231,6 +236,8 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--port must be in 0..65535")
     if not -1 <= s.metrics_port <= 65535:
         problems.append("--metrics-port must be in -1..65535")
+    if not -1 <= s.http_port <= 65535:
+        problems.append("--http-port must be in -1..65535")
     for name in ("max_batch_size", "max_queue_size", "max_active_sequences"):
         value = getattr(s, name)
         if value is not None and value < 1:

@@ -316,3 +316,9 @@ class ModelHub:
         self, served: ServedModel, request: GenerateRequest, deadline: float | None
     ) -> GenerationChunk:
         return await served.scheduler.generate(request, deadline)
+
+    def token_texts(self, served: ServedModel, token_ids: list[int]) -> list[str]:
+        """Each generated token decoded alone (a front's per-token logprobs name their token). A token that is
+        part of a character holds U+FFFD: the chunks' text, not these, is the generated text."""
+        tokenizer = served.scheduler.model.tokenizer
+        return [tokenizer.decode([token], skip_special_tokens=False) for token in token_ids]

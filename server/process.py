@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class ServerProcess:
-    """`python -m server --models DIR --port 0 --metrics-port 0 [args]` in a child process.
+    """`python -m server --models DIR --port 0 --metrics-port 0 --http-port 0 [args]` in a child process.
 
     `env` adds to (or overrides) the current environment. Entering the context waits up to
     `startup_timeout` seconds for SERVING; leaving it stops the server (SIGTERM, then SIGKILL).
@@ -44,6 +44,7 @@ class ServerProcess:
         self.host = host
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port = 0  # -1 when args turn it off (--http-port -1)
         self.pid = 0
         self._dir = tempfile.TemporaryDirectory(prefix="nlpserve-")
         self._log_path = Path(self._dir.name) / "server.log"
@@ -59,11 +60,18 @@ class ServerProcess:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP port's base URL (the OpenAI-compatible API is under /v1); https with --tls-cert."""
+        scheme = "https" if "--tls-cert" in self.args or "NLPSERVE_TLS_CERT" in self.env else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
+
     def start(self) -> Self:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         cmd = [
             sys.executable, "-m", "server", "--models", str(self.models_dir), "--host", self.host,
-            "--port", "0", "--metrics-port", "0", "--ready-file", str(self._ready), *self.args,
+            "--port", "0", "--metrics-port", "0", "--http-port", "0",
+            "--ready-file", str(self._ready), *self.args,
         ]  # fmt: skip
         self._log = self._log_path.open("wb")
         # Output to a file, not a pipe: a pipe nobody reads would block the server once full.
@@ -80,6 +88,7 @@ class ServerProcess:
             time.sleep(0.05)
         info = json.loads(self._ready.read_text())
         self.grpc_port, self.metrics_port, self.pid = info["grpc_port"], info["metrics_port"], info["pid"]
+        self.http_port = info.get("http_port", -1)
         return self
 
     def send_signal(self, sig: int) -> None:

@@ -1,15 +1,16 @@
-"""TLS, mTLS and API keys, for every port the server opens (gRPC and metrics).
+"""TLS, mTLS and API keys, for every port the server opens (gRPC, HTTP and metrics).
 
 - TLS: `--tls-cert` and `--tls-key` (PEM). The files are checked here with Python's `ssl` module before any
   port opens: gRPC only parses them when it binds the port, and then says nothing better than "Failed to
   bind".
-- mTLS: `--tls-client-ca` (PEM): clients must present a certificate signed by one of these CAs, on the gRPC
-  port and on the metrics port alike.
+- mTLS: `--tls-client-ca` (PEM): clients must present a certificate signed by one of these CAs, on every
+  port alike.
 - API keys: `--api-keys-file` (one key a line; blank lines and `#` comments ignored) and/or the environment
   variable NLPSERVE_API_KEYS (comma-separated). Never a flag: a flag's value shows in `ps`. A call must carry
   `authorization: Bearer KEY` metadata, except to the services of `--open-services` (health, by default); the
   metrics port needs no key. A missing or wrong key gets UNAUTHENTICATED with one fixed message, whatever the
-  method, known or not, so a caller without a key learns nothing about the server.
+  method, known or not, so a caller without a key learns nothing about the server. The HTTP port checks the
+  same keys with `ApiKeyInterceptor.authorized` (every path but /health; 401 with the same message).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def load_tls(settings: Settings) -> Tls | None:
         except (ssl.SSLError, ValueError) as exc:
             raise StartupError(f"--tls-client-ca {settings.tls_client_ca}: no PEM certificate in it") from exc
     log.info(
-        "TLS on the gRPC and metrics ports (%s)",
+        "TLS on the gRPC, HTTP and metrics ports (%s)",
         "client certificates required" if client_ca is not None else "no client certificates asked",
     )
     return Tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca, cert, key, client_ca)

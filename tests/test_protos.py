@@ -21,3 +21,15 @@ def test_stubs_import_without_the_server():
 
     assert inference_pb2.DESCRIPTOR.package == "nlpserve.v1"
     assert hasattr(inference_pb2_grpc, "InferenceServiceStub")
+
+
+def test_open_inference_protocol_stubs_live_in_their_own_package():
+    # Triton's package name and service, generated apart from client/proto so that no module name clashes
+    # (client/proto's inference_pb2 is nlpserve.v1's).
+    from server.servicers.oip import grpc_service_pb2, grpc_service_pb2_grpc
+
+    assert grpc_service_pb2.DESCRIPTOR.package == "inference"
+    assert grpc_service_pb2.DESCRIPTOR.name == "inference/grpc_service.proto"
+    assert hasattr(grpc_service_pb2_grpc, "GRPCInferenceServiceStub")
+    assert not list((ROOT / "client" / "proto").glob("grpc_service_pb2*"))
+    assert not list((ROOT / "server" / "servicers" / "oip").glob("inference_pb2*"))

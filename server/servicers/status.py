@@ -1,7 +1,8 @@
 """The one place where the core's exceptions become gRPC status codes, and where every RPC is counted.
 
 An unexpected exception becomes INTERNAL with a generic message; its traceback goes to the log, never to the
-client. Each RPC method is wrapped once (`unary` / `stream`), so servicer methods hold no try/except.
+client. Each RPC method is wrapped once (`unary` / `stream` / `bidi`), so servicer methods hold no
+try/except. Nothing here knows a front's messages: nlpserve.v1 and the Open Inference Protocol both use it.
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 @dataclass
 class Call:
-    """What one RPC learns as it runs: the model it resolved (a metric label) and its deadline."""
+    """What one RPC learns as it runs: the model it resolved (a metric label) and its deadline. A servicer may
+    set `on_finish(ok, seconds)`, told once how the call ended (a front's own statistics)."""
 
     method: str
     model: str = ""
     deadline: float | None = None  # time.monotonic() seconds
+    on_finish: Callable[[bool, float], None] | None = None
 
 
 class Gate:
@@ -106,8 +109,11 @@ def _start(method: str, context: grpc.aio.ServicerContext) -> Call:
 
 
 def _finish(metrics: Metrics, call: Call, code: grpc.StatusCode, started: float) -> None:
+    seconds = time.monotonic() - started
     metrics.requests.labels(call.model, call.method, code.name).inc()
-    metrics.request_duration.labels(call.model, call.method, code.name).observe(time.monotonic() - started)
+    metrics.request_duration.labels(call.model, call.method, code.name).observe(seconds)
+    if call.on_finish is not None:
+        call.on_finish(code is grpc.StatusCode.OK, seconds)
 
 
 def _cancelled_code(call: Call) -> grpc.StatusCode:
@@ -121,9 +127,10 @@ def _log_unexpected(call: Call, exc: BaseException) -> None:
         log.error("%s (model %r) failed", call.method, call.model, exc_info=exc)
 
 
-def unary(method: str, request_type: type[Message]) -> Callable:
+def unary(method: str, request_type: type[Message], gated: bool = True) -> Callable:
     """Wraps a unary servicer method ``f(self, request, context, call)``: admission, parsing, metrics, error
-    mapping. The handler receives the request's raw bytes (see `add_to_server`)."""
+    mapping. The handler receives the request's raw bytes (see `add_to_server`). `gated=False`: answered
+    during a drain too, and not waited for (health-like calls that say the server is going away)."""
 
     def wrap(f: Callable[..., Awaitable[Any]]) -> Callable:
         @functools.wraps(f)
@@ -133,7 +140,7 @@ def unary(method: str, request_type: type[Message]) -> Callable:
             admitted = False
             try:
                 request = await _receive(requests, request_type)  # a malformed call is refused as such
-                admitted = self.gate.enter()
+                admitted = gated and self.gate.enter()
                 response = await f(self, request, context, call)
             except asyncio.CancelledError:
                 _finish(self.metrics, call, _cancelled_code(call), started)
@@ -165,6 +172,10 @@ async def _receive(requests: AsyncIterator[bytes], request_type: type[Message]) 
         await messages.aclose()
     if raw is None:
         raise InvalidInput("request", "no request message (the client half-closed the call without one)")
+    return _parse(raw, request_type)
+
+
+def _parse(raw: bytes, request_type: type[Message]) -> Message:
     try:
         return request_type.FromString(raw)
     except DecodeError as exc:
@@ -226,6 +237,85 @@ def stream(method: str, request_type: type[Message]) -> Callable:
     return wrap
 
 
+_END = object()  # ends a `bidi` stream's queue of messages
+
+
+def bidi(method: str, request_type: type[Message], failed: Callable[[Message | None, str], Message]) -> Callable:
+    """Wraps a bidirectional-streaming method whose request messages are calls of their own (Triton's
+    ModelStreamInfer): the async generator ``f(self, request, context, call)`` runs for each request message
+    as it arrives, concurrently with the others, and their messages share the one response stream. Each
+    request is admitted, counted and has its error mapped like a unary call, but in the stream: a request that
+    fails gets the message ``failed(request or None, client-safe message)`` and the stream goes on. The call
+    ends OK once the client half-closed and every request was answered; a client that reads nothing for the
+    servicer's `unread_timeout` seconds ends it with RESOURCE_EXHAUSTED, as in `stream`."""
+
+    def wrap(f: Callable[..., AsyncIterator[Any]]) -> Callable:
+        @functools.wraps(f)
+        async def handler(self: Any, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+            # Unbounded: each request's messages come at the pace of its model; a client that stops reading
+            # is ended by the write timeout, like any stream.
+            out: asyncio.Queue = asyncio.Queue()
+            answering: set[asyncio.Task] = set()
+
+            async def answer(raw: bytes) -> None:
+                started = time.monotonic()
+                call = _start(method, context)
+                request, admitted = None, False
+                try:
+                    request = _parse(raw, request_type)
+                    admitted = self.gate.enter()
+                    async with contextlib.aclosing(f(self, request, context, call)) as messages:
+                        async for message in messages:
+                            out.put_nowait(message)
+                except asyncio.CancelledError:
+                    _finish(self.metrics, call, _cancelled_code(call), started)
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the one mapping of errors, in the stream
+                    code, text = status_of(exc)
+                    _log_unexpected(call, exc)
+                    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+                    _finish(self.metrics, call, code, started)
+                    out.put_nowait(failed(request, text))
+                else:
+                    _finish(self.metrics, call, grpc.StatusCode.OK, started)
+                finally:
+                    if admitted:
+                        self.gate.leave()
+
+            async def read() -> None:
+                messages = aiter(requests)
+                try:
+                    async for raw in messages:
+                        task = asyncio.ensure_future(answer(raw))
+                        answering.add(task)
+                        task.add_done_callback(answering.discard)
+                finally:
+                    await messages.aclose()  # see _receive
+                while answering:
+                    await asyncio.wait(set(answering))
+
+            reader = asyncio.ensure_future(read())
+            reader.add_done_callback(lambda _: out.put_nowait(_END))
+            try:
+                while (message := await out.get()) is not _END:
+                    await _write(context, message, self.unread_timeout)
+                await reader  # raises what reading raised, if anything
+            except StreamUnread as exc:
+                log.info("%s: %s; the stream ends", method, exc)
+                context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.set_details(str(exc))
+            finally:
+                # The client went away (or stopped reading): its requests still running are cancelled, which
+                # cancels their work in the core.
+                for task in (reader, *answering):
+                    task.cancel()
+                await asyncio.gather(reader, *answering, return_exceptions=True)
+
+        return handler
+
+    return wrap
+
+
 async def _write(context: grpc.aio.ServicerContext, message: Message, timeout: float) -> None:
     """Sends one message of a stream. A client that stops reading fills the HTTP/2 window, and the write then
     waits: past `timeout` the stream ends, so that an unread stream holds neither a sequence slot nor a
@@ -238,9 +328,9 @@ async def _write(context: grpc.aio.ServicerContext, message: Message, timeout: f
 
 
 def add_to_server(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
-    """Registers the methods of `service` that `servicer` wraps with `unary` / `stream`. Every method takes its
-    requests as raw bytes on a client-streaming handler (the wire does not tell unary from client-streaming),
-    so that `_receive` decides what a missing or malformed message gets."""
+    """Registers the methods of `service` that `servicer` wraps with `unary` / `stream` / `bidi`. Every method
+    takes its requests as raw bytes on a client-streaming handler (the wire does not tell unary from
+    client-streaming), so that `_receive` decides what a missing or malformed message gets."""
     handlers = {}
     for method in service.methods:
         fn = getattr(servicer, method.name)

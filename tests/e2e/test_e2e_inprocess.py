@@ -65,7 +65,8 @@ def test_health_transitions_and_requests_while_loading(models, monkeypatch):
     monkeypatch.setattr(app, "load_model", held_load)
     port = free_port()
     settings = load_settings(
-        ["--models", str(models), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1"], {}
+        ["--models", str(models), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1",
+         "--http-port", "-1"], {}
     )
     registry = CollectorRegistry()
     srv = InProcessServer(settings, registry)
@@ -115,7 +116,8 @@ def test_port_in_use_fails_at_start(models):
         busy.listen()
         port = busy.getsockname()[1]
         settings = load_settings(
-            ["--models", str(models), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1"], {}
+            ["--models", str(models), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1",
+             "--http-port", "-1"], {}
         )
         with pytest.raises(StartupError, match=f"--port {port}"):
             asyncio.run(app.serve(settings, CollectorRegistry()))
@@ -134,7 +136,8 @@ def test_unexpected_error_is_internal_generic_and_logged(models, monkeypatch, ca
     monkeypatch.setattr(ClassifierModel, "run", run)  # fault injection into the real model
     port = free_port()
     settings = load_settings(
-        ["--models", str(models), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1"], {}
+        ["--models", str(models), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1",
+         "--http-port", "-1"], {}
     )
     srv = InProcessServer(settings, CollectorRegistry())
     srv.thread.start()

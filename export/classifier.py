@@ -7,7 +7,6 @@ import enum
 import inspect
 import logging
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from export.errors import ExportError, check_checkpoint_folder, checkpoint_load_error
 from export.tokenization import encode_right_padded, load_checkpoint_tokenizer
-from export.training import run_steps
+from export.training import batches, fine_tune
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +157,6 @@ def load_finetuned(folder: Path, pooling: Pooling) -> LoadedClassifier:
     return LoadedClassifier(ImportedClassifier(model, pooling), tokenizer, config, uses, str(folder), labels)
 
 
-def batches(n: int, size: int, rng: random.Random | None) -> list[list[int]]:
-    order = list(range(n))
-    if rng is not None:
-        rng.shuffle(order)
-    return [order[i:i + size] for i in range(0, n, size)]
-
-
 def _tensors(loaded: LoadedClassifier, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     pad = loaded.tokenizer.token_to_id("[PAD]") or 0
     arrays = encode_right_padded(loaded.tokenizer, texts, max_length, pad)
@@ -184,27 +176,15 @@ def train(
     max_length: int,
     seed: int,
 ) -> float | None:
-    """Fine-tunes with AdamW and a linear warm-up/decay schedule; returns the last smoothed training loss."""
-    from transformers import get_linear_schedule_with_warmup
+    """Fine-tunes (`export.training.fine_tune`); returns the last smoothed training loss."""
 
-    if steps <= 0:
-        return None
-    model = loaded.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    rng = random.Random(seed)
-    queue: list[list[int]] = []
-
-    def loss_of_step(step: int) -> torch.Tensor:
-        nonlocal queue
-        if not queue:
-            queue = batches(len(texts), batch_size, rng)
-        index = queue.pop()
+    def loss_of_batch(index: list[int]) -> torch.Tensor:
         inputs = _tensors(loaded, [texts[i] for i in index], max_length)
-        logits, _ = model(**inputs)
+        logits, _ = loaded.model(**inputs)
         return nn.functional.cross_entropy(logits, torch.tensor([labels[i] for i in index]))
 
-    return run_steps(model, optimizer, schedule, steps, loss_of_step)
+    return fine_tune(loaded.model, len(texts), steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                     seed=seed, loss_of_batch=loss_of_batch)
 
 
 @torch.inference_mode()

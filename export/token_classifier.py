@@ -6,7 +6,6 @@ the same way."""
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 from export import classifier as clf
 from export.errors import check_checkpoint_folder, checkpoint_load_error
 from export.tokenization import load_checkpoint_tokenizer
-from export.training import run_steps
+from export.training import batches, fine_tune
 
 logger = logging.getLogger(__name__)
 
@@ -158,31 +157,19 @@ def train(
     seed: int,
     pad_id: int,
 ) -> float | None:
-    """Fine-tunes with AdamW and a linear warm-up/decay schedule; returns the last smoothed training loss."""
-    from transformers import get_linear_schedule_with_warmup
+    """Fine-tunes (`export.training.fine_tune`); returns the last smoothed training loss."""
 
-    if steps <= 0:
-        return None
-    model = loaded.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    rng = random.Random(seed)
-    queue: list[list[int]] = []
-
-    def loss_of_step(step: int) -> torch.Tensor:
-        nonlocal queue
-        if not queue:
-            queue = clf.batches(len(sentences), batch_size, rng)
-        index = queue.pop()
+    def loss_of_batch(index: list[int]) -> torch.Tensor:
         batch = encode_words(loaded.tokenizer, [sentences[i] for i in index], max_length, pad_id)
         labels = torch.from_numpy(token_labels(batch, [tags[i] for i in index]))
-        logits = model(**_feed(loaded, batch))  # (B, T, L)
+        logits = loaded.model(**_feed(loaded, batch))  # (B, T, L)
         # Summed over labelled tokens and divided by their number (at least 1): a batch whose words were all
         # cut off or tokenize to nothing gives 0 rather than NaN.
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
         return loss / max(1, int((labels != IGNORE).sum()))
 
-    return run_steps(model, optimizer, schedule, steps, loss_of_step)
+    return fine_tune(loaded.model, len(sentences), steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                     seed=seed, loss_of_batch=loss_of_batch)
 
 
 def predict_words(
@@ -201,7 +188,7 @@ def predict_words(
     predicted: list[list[int]] = [[] for _ in sentences]
     # Sorted by length so that batches pad little.
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    for index in clf.batches(len(sentences), batch_size, None):
+    for index in batches(len(sentences), batch_size, None):
         chosen = [order[i] for i in index]
         batch = encode_words(tokenizer, [sentences[i] for i in chosen], max_length, pad_id)
         best = logits_of(batch.inputs).argmax(axis=-1)  # (B, T)

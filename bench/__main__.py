@@ -1,4 +1,4 @@
-"""`python -m bench {classify,generate,baseline,llm,hostile,all} [--quick]`: runs the benchmarks, writes
+"""`python -m bench {classify,generate,baseline,llm,hostile,embed,all} [--quick]`: runs the benchmarks, writes
 `bench/results/<date>-<machine>.json` (every raw figure), a Markdown table and PNG plots, and prints the
 ratios last."""
 
@@ -36,6 +36,12 @@ HOSTILE_NOTE = (
     "(a separate process, one closed-loop client per kind, each on its own connection) send one kind of large "
     "request for a bounded time and count; a victim call counts in the window it was sent in. RSS: VmRSS of the "
     "server process, sampled every 50 ms. The two sides run one after the other, each on a server of its own."
+)
+EMBED_NOTE = (
+    "Sentence embeddings: every side embeds the same texts once per round, the server through gRPC (raw stubs, "
+    "closed loop on one connection), sentence-transformers' encode and the ONNX Runtime loop in the bench process "
+    "with the server's thread count. The ratios come from a back-to-back block after each round's sweep (the server "
+    "at its best point so far by the sweeps' medians), the sides alternating over slices of the texts."
 )
 CLIENT_NOTE = (
     "The load generator (Python, asyncio gRPC) runs on the same CPUs as the server and takes part of them; the "
@@ -93,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "has it, else docgpt)")
     hostile.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                          help="an environment variable for both servers (e.g. MALLOC_ARENA_MAX=2); repeatable")
+    text = ("sentence embeddings: the server's Embed at concurrency 1-64 (1 text per request) and 1-4 (32 texts), "
+            "against sentence-transformers' encode and an in-process ONNX Runtime loop on the same model and texts; "
+            "fp32 and opt (or --variant) servers")
+    commands.add_parser("embed", parents=[common], help=text, description=text)
     again = commands.add_parser("report", help="rewrite the Markdown table and plots of a results JSON",
                                 description="rewrite the Markdown table and plots of a results JSON (same folder)")
     again.add_argument("results", type=Path, help="a bench/results/*.json file")
@@ -136,6 +146,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine.machine_info()
     if args.command == "hostile":
         return run_hostile(args, info, started)
+    if args.command == "embed":
+        return run_embed(args, info, started)
     plan = suite.QUICK if args.quick else suite.GPU if args.device == "cuda" else suite.FULL
     llm_plan = llm.LLM_QUICK if args.quick else llm.LLM_FULL
     if args.rounds:
@@ -274,16 +286,43 @@ def run_hostile(args: argparse.Namespace, info: dict[str, Any], started: float) 
     return results
 
 
+def run_embed(args: argparse.Namespace, info: dict[str, Any], started: float) -> dict[str, Any]:
+    """`python -m bench embed`: its own plan and figures, the results written as every other command's."""
+    from bench import embed
+
+    results: dict[str, Any] = {**_header(args, info), "notes": [NOISE_NOTE, CLIENT_NOTE, EMBED_NOTE]}
+    figures = embed.run(args, info)
+    results["notes"] += figures.pop("notes")
+    results |= figures
+    results["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    stem = args.name or "-".join([results["created"][:10], results["machine_slug"], "embed"]
+                                 + (["quick"] if args.quick else []))
+    paths = write_results(results, args.out, stem)
+    results["paths"] = {k: str(v) for k, v in paths.items()}
+    return results
+
+
+def write_results(results: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:
+    """The report writer's files; an embed run's Markdown also has its own tables (bench/embed.py)."""
+    from bench import report
+
+    paths = report.write_results(results, out, stem)
+    if "embed" in results:
+        from bench import embed
+
+        report._write_atomic(paths["md"], embed.markdown(results))
+    return paths
+
+
 def rewrite(path: Path) -> dict[str, Any]:
     """Rewrites the Markdown and the plots of a results file from its JSON (after a change to the writer)."""
     import json
 
-    from bench import report
-
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such results file")
     results = json.loads(path.read_text())
-    paths = report.write_results(results, path.parent, path.stem)
+    paths = write_results(results, path.parent, path.stem)
     results["paths"] = {k: str(v) for k, v in paths.items()}
     return results
 
@@ -295,6 +334,10 @@ def print_ratios(results: dict[str, Any]) -> None:
     for note in results.get("notes", []):
         if note.startswith("llm skipped"):
             print(note)
+    if "embed" in results:
+        from bench.embed import summary_lines
+
+        print("\n".join(summary_lines(results["embed"])))
     for side in results.get("hostile", {}).get("sides", {}).values():
         for phase in side["phases"]:
             rss = phase["rss_mb"]

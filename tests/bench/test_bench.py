@@ -305,3 +305,49 @@ def test_hostile_cli_refuses_a_bad_server_env(tmp_path: Path, capsys: pytest.Cap
     assert main(["hostile", "--server-env", "NOEQUALS", "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.strip().endswith("--server-env 'NOEQUALS': expected KEY=VALUE")
     assert not (tmp_path / "out").exists()
+
+
+def test_embed_comparison_plumbing(quick_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The sentence-embedding comparison on the quick demo embedder: the real servers (fp32 and opt) over gRPC,
+    sentence-transformers' encode and the in-process ONNX Runtime loop on the same texts, the same vectors on
+    every side, the comparisons, the results writer and `report`; the CLI refuses a GPU run in one line."""
+    from bench import embed
+    from bench.__main__ import main, write_results
+
+    plan = embed.EmbedPlan(name="test", texts=len(TEXTS.sentences), rounds=1, concurrency=(1, 2),
+                           batch_concurrency=(1,), batch_texts=4, inprocess_batch=4, slices=2)
+    result = embed.bench_embed(quick_repo, TEXTS.sentences, plan, threads=1, variants=("fp32", "opt"),
+                               work=tmp_path / "work")
+    assert result["variants"] == ["fp32", "opt"] and result["variants_missing"] == []
+    assert set(result["sweep"]) == {f"server/{v}/{s}" for v in ("fp32", "opt") for s in ("c1x1", "c2x1", "c1x4")}
+    for point in result["rounds"][0]["sweep"].values():
+        assert point["codes"] == {"OK": point["requests"]} and point["texts"] == len(TEXTS.sentences)
+        assert point["latency_ms"]["count"] == point["requests"] and point["mean_batch_size"] >= 1
+    final = result["rounds"][0]["final"]
+    assert set(final) == {"sentence-transformers", "inprocess/fp32", "inprocess/opt", "best/fp32/1", "best/fp32/4",
+                          "best/opt/1", "best/opt/4"}
+    assert all(p["texts"] == len(TEXTS.sentences) and p["texts_per_s"] > 0 for p in final.values())
+    assert all(len(p["slices_texts_per_s"]) == 2 for p in final.values())
+    # the same computation on every side (the quick twin of sentence-transformers: same shape, same seed)
+    assert all(cosine > 0.999 for k, cosine in result["agreement_least_cosine"].items()
+               if not k.startswith("sentence-transformers"))
+    ids = {c["id"] for c in result["comparisons"]}
+    assert "embed/fp32/server-x1-vs-inprocess" in ids and "embed/opt/server-best-vs-sentence-transformers" in ids
+    assert len(ids) == 7
+
+    info = machine_info()
+    results = {"created": "2026-01-01T00:00:00+00:00", "machine": info, "machine_slug": machine_slug(info),
+               "plan": asdict(plan), "comparisons": result.pop("comparisons"), "embed": result}
+    paths = write_results(results, tmp_path / "out", "test-embed")
+    text = paths["md"].read_text()
+    assert "## Sentence embeddings: minilm-embed" in text and "in-process ORT opt, length-sorted" in text
+    assert "## Comparisons" in text and "sentence-transformers encode, batch_size 4" in text
+    paths["md"].unlink()
+    assert main(["report", str(paths["json"])]) == 0  # the tables come back from the JSON
+    assert "## Sentence embeddings" in paths["md"].read_text()
+    assert "embed: fp32: in-process ORT" in capsys.readouterr().out
+
+    assert main(["embed", "--device", "cuda", "--out", str(tmp_path / "gpu")]) == 1
+    assert capsys.readouterr().err.strip().endswith("embed: CPU only (sentence-transformers runs on PyTorch's CPU "
+                                                    "build here)")
+    assert not (tmp_path / "gpu").exists()

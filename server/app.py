@@ -214,6 +214,7 @@ async def serve(
     await stop.wait()
     started = time.monotonic()
     await health.enter_graceful_shutdown()
+    gate.stopping = True  # the Open Inference Protocol's ServerReady / ModelReady: false from now on
     if front is not None:
         front.serving = False  # /health: 503, like gRPC health's NOT_SERVING
     # A second signal during the drain cuts it short (an impatient Ctrl-C, or an orchestrator's retry).

@@ -423,7 +423,7 @@ class KServeServicer:
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext, call: Call) -> Any:
         models = self.hub.models.values()
         ready = (
-            bool(models) and not self.hub.loading and not self.gate.draining and all(m.ready for m in models)
+            bool(models) and not self.hub.loading and not self.gate.stopping and all(m.ready for m in models)
         )
         return pb.ServerReadyResponse(ready=ready)
 
@@ -433,7 +433,7 @@ class KServeServicer:
             return pb.ModelReadyResponse(ready=False)
         served = self._model(request.name, request.version)
         call.model = served.name
-        return pb.ModelReadyResponse(ready=served.ready and not self.gate.draining)
+        return pb.ModelReadyResponse(ready=served.ready and not self.gate.stopping)
 
     @unary("ServerMetadata", pb.ServerMetadataRequest)
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext, call: Call) -> Any:

@@ -76,6 +76,9 @@ class Gate:
     """Admission during a drain, and the count of RPCs in flight that a drain waits for."""
 
     def __init__(self) -> None:
+        # True from the stop signal on: readiness checks say no while calls are still admitted
+        # (--drain-delay-seconds), so that load balancers move away before `draining` refuses calls.
+        self.stopping = False
         self.draining = False
         self.in_flight = 0
         self._idle = asyncio.Event()

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from client.proto import inference_pb2 as pb
 from client.proto import inference_pb2_grpc
 from server.process import ServerProcess
+from server.servicers.oip import grpc_service_pb2 as oip
+from server.servicers.oip import grpc_service_pb2_grpc as oip_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -222,6 +224,11 @@ def _served_during_the_drain_delay(models: Path, delay: float) -> int:
         while health(channel, "") != NOT_SERVING:
             assert time.monotonic() < deadline, "health never turned NOT_SERVING"
             time.sleep(0.005)
+        # The Open Inference Protocol's readiness says no at once too (the call itself is still answered).
+        kserve = oip_grpc.GRPCInferenceServiceStub(channel)
+        if time.monotonic() < earliest_end:
+            assert not kserve.ServerReady(oip.ServerReadyRequest(), timeout=10).ready
+            assert not kserve.ModelReady(oip.ModelReadyRequest(name="sentiment"), timeout=10).ready
         served = 0
         deadline = time.monotonic() + delay + 30
         while True:

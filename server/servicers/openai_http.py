@@ -161,6 +161,12 @@ def _count(metrics: Metrics, call: _Call, code: grpc.StatusCode, started: float)
 # -- the request body ---------------------------------------------------------------------------------------
 
 
+def _number(value: int) -> str:
+    """An integer from the request for a message: JSON allows thousands of digits, a message shows at most 40."""
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -232,7 +238,7 @@ def _sampling(body: Body, call: _Call, logprobs: bool) -> SamplingParams:
         max_tokens = body.integer("max_tokens")
     seed = body.integer("seed")
     if seed is not None and not 0 <= seed < 2**64:
-        raise InvalidInput("seed", f"{seed}, must be in 0..2**64-1")
+        raise InvalidInput("seed", f"{_number(seed)}, must be in 0..2**64-1")
     temperature = body.number("temperature")
     top_p = body.number("top_p")
     repetition_penalty = body.number("repetition_penalty")
@@ -415,7 +421,7 @@ class OpenAIFront:
         logprobs = body.integer("logprobs")
         if logprobs is not None and logprobs != 0:
             raise InvalidInput(
-                "logprobs", f"{logprobs}: only 0 (the chosen token's logprob, no alternatives)"
+                "logprobs", f"{_number(logprobs)}: only 0 (the chosen token's logprob, no alternatives)"
             )
         prompt = _prompt(body)
         request = GenerateRequest(served.name, prompt, _sampling(body, call, logprobs is not None))
@@ -472,7 +478,9 @@ class OpenAIFront:
         logprobs = body.flag("logprobs")
         top = body.integer("top_logprobs")
         if top is not None and top != 0:
-            raise InvalidInput("top_logprobs", f"{top}: only 0 (the chosen token's logprob, no alternatives)")
+            raise InvalidInput(
+                "top_logprobs", f"{_number(top)}: only 0 (the chosen token's logprob, no alternatives)"
+            )
         request = GenerateRequest(served.name, "", _sampling(body, call, logprobs), _messages(body))
         answer = _Answer(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", served)
         if stream:
@@ -533,7 +541,7 @@ class OpenAIFront:
             raise InvalidInput("encoding_format", f"{shown(encoding)}: must be 'float' or 'base64'")
         dimensions = body.integer("dimensions")
         if dimensions is not None and dimensions < 1:
-            raise InvalidInput("dimensions", f"{dimensions}, must be 1 or more")
+            raise InvalidInput("dimensions", f"{_number(dimensions)}, must be 1 or more")
         texts = _texts(body)
         if kind == EMBEDDER:
             result = await self.hub.embed(

@@ -192,6 +192,8 @@ def test_logprobs_and_stop_sequences(oai: openai.OpenAI, stub) -> None:
         ({"echo": True}, "echo"),
         ({"stop": [""]}, "stop[0]"),
         ({"seed": -1}, "seed"),
+        ({"seed": 10**4000}, "seed"),  # JSON allows it; the message shows 20 of its digits
+        ({"extra_body": {"logprobs": -(10**4000)}}, "logprobs"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"extra_body": {"prompt": [1, 2, 3]}}, "prompt"),
         ({"model": "sentiment"}, "model"),
@@ -203,6 +205,7 @@ def test_bad_completion_requests_name_the_parameter(oai: openai.OpenAI, kwargs: 
         oai.completions.create(**kwargs)
     assert info.value.status_code == 400 and info.value.param == param
     assert info.value.type == "invalid_request_error" and error_of(info.value)["message"].startswith(param)
+    assert len(error_of(info.value)["message"]) < 200  # never an echo of unbounded input
 
 
 def test_unknown_model_and_chat_without_a_template(oai: openai.OpenAI) -> None:

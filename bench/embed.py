@@ -104,14 +104,7 @@ class OrtEmbedder(inprocess.Classifier):
     reading the graph's `embedding` output (pooled and normalized in the graph) instead of logits."""
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(list(texts))
-        feeds = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
-        (vectors,) = self.session.run(["embedding"], {k: v for k, v in feeds.items() if k in self.inputs})
-        return np.asarray(vectors, dtype=np.float32)
+        return np.asarray(self.output("embedding", texts), dtype=np.float32)
 
     def length_sorted_batches(self, texts: Sequence[str], batch_size: int) -> list[list[str]]:
         """`texts` sorted by token count (the mask counts the real tokens of a padded batch), cut into batches."""

@@ -116,14 +116,19 @@ class Classifier:
         self.tokenizer.enable_truncation(max_length=int(model.config["max_sequence_length"]))
         self.tokenizer.enable_padding(pad_id=pad, pad_token=self.tokenizer.id_to_token(pad) or "[PAD]")
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    def output(self, name: str, texts: Sequence[str]) -> np.ndarray:
+        """The graph's output `name` for a padded batch of `texts`."""
         encodings = self.tokenizer.encode_batch(list(texts))
         feeds = {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
             "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
         }
-        (logits,) = self.session.run(["logits"], {k: v for k, v in feeds.items() if k in self.inputs})
+        (values,) = self.session.run([name], {k: v for k, v in feeds.items() if k in self.inputs})
+        return values
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        logits = self.output("logits", texts)
         logits = logits - logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits)
         return probabilities / probabilities.sum(axis=1, keepdims=True)

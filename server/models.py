@@ -198,6 +198,11 @@ class ModelHub:
         if served.session is not None:
             served.session.on_device_lost = functools.partial(self.device_lost, served)
 
+    @property
+    def all_ready(self) -> bool:
+        """Every model is loaded and serving (none loading, none failed)."""
+        return bool(self.models) and not self.loading and all(m.ready for m in self.models.values())
+
     def device_lost(self, served: ServedModel) -> None:
         """The model's device is unusable: it stops taking requests (UNAVAILABLE), the others serve on."""
         served.ready = False

@@ -421,11 +421,7 @@ class KServeServicer:
 
     @unary("ServerReady", pb.ServerReadyRequest, gated=False)  # answered during a drain
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext, call: Call) -> Any:
-        models = self.hub.models.values()
-        ready = (
-            bool(models) and not self.hub.loading and not self.gate.stopping and all(m.ready for m in models)
-        )
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self.hub.all_ready and not self.gate.stopping)
 
     @unary("ModelReady", pb.ModelReadyRequest, gated=False)  # answered during a drain
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext, call: Call) -> Any:

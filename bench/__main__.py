@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib
 import logging
 import os
 import sys
@@ -47,6 +48,11 @@ CLIENT_NOTE = (
     "The load generator (Python, asyncio gRPC) runs on the same CPUs as the server and takes part of them; the "
     "in-process baselines pay no such cost."
 )
+
+
+# The commands whose plan, figures and Markdown live in a module of their own (the key is also where the results
+# keep its figures).
+OWN_MODULES = {"embed": "bench.embed", "triton": "bench.triton", "openai": "bench.openai_front"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
             "against sentence-transformers' encode and an in-process ONNX Runtime loop on the same model and texts; "
             "fp32 and opt (or --variant) servers")
     commands.add_parser("embed", parents=[common], help=text, description=text)
+    text = ("classification through perf_analyzer: the server's Open Inference Protocol front against PyTriton "
+            "(Triton 2.51, Python backend) on the same ONNX file and sentences, concurrency 1-32")
+    commands.add_parser("triton", parents=[common], help=text, description=text)
+    text = ("generation: the OpenAI-compatible HTTP front (openai SDK, SSE) against nlpserve.v1 (AsyncClient, gRPC) "
+            "on the same server and model at 16 streams, then aiperf against the OpenAI front")
+    commands.add_parser("openai", parents=[common], help=text, description=text)
     again = commands.add_parser("report", help="rewrite the Markdown table and plots of a results JSON",
                                 description="rewrite the Markdown table and plots of a results JSON (same folder)")
     again.add_argument("results", type=Path, help="a bench/results/*.json file")
@@ -116,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    for chatty in ("httpx", "httpx2"):  # one line per HTTP request (the openai SDK's)
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # PyTorch's OpenMP threads spin while they wait for each other; on a busy machine a descheduled peer makes
@@ -146,8 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine.machine_info()
     if args.command == "hostile":
         return run_hostile(args, info, started)
-    if args.command == "embed":
-        return run_embed(args, info, started)
+    if args.command in OWN_MODULES:
+        return run_own(args, info, started)
     plan = suite.QUICK if args.quick else suite.GPU if args.device == "cuda" else suite.FULL
     llm_plan = llm.LLM_QUICK if args.quick else llm.LLM_FULL
     if args.rounds:
@@ -286,17 +300,18 @@ def run_hostile(args: argparse.Namespace, info: dict[str, Any], started: float) 
     return results
 
 
-def run_embed(args: argparse.Namespace, info: dict[str, Any], started: float) -> dict[str, Any]:
-    """`python -m bench embed`: its own plan and figures, the results written as every other command's."""
-    from bench import embed
-
-    results: dict[str, Any] = {**_header(args, info), "notes": [NOISE_NOTE, CLIENT_NOTE, EMBED_NOTE]}
-    figures = embed.run(args, info)
+def run_own(args: argparse.Namespace, info: dict[str, Any], started: float) -> dict[str, Any]:
+    """`python -m bench embed|triton|openai`: each its own plan and figures (OWN_MODULES), the results written as
+    every other command's."""
+    module = importlib.import_module(OWN_MODULES[args.command])
+    results: dict[str, Any] = {**_header(args, info), "notes": [NOISE_NOTE, CLIENT_NOTE]
+                               + ([EMBED_NOTE] if args.command == "embed" else [])}
+    figures = module.run(args, info)
     results["notes"] += figures.pop("notes")
     results |= figures
     results["load_average_at_end"] = round(os.getloadavg()[0], 2)
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
-    stem = args.name or "-".join([results["created"][:10], results["machine_slug"], "embed"]
+    stem = args.name or "-".join([results["created"][:10], results["machine_slug"], args.command]
                                  + (["quick"] if args.quick else []))
     paths = write_results(results, args.out, stem)
     results["paths"] = {k: str(v) for k, v in paths.items()}
@@ -304,14 +319,14 @@ def run_embed(args: argparse.Namespace, info: dict[str, Any], started: float) ->
 
 
 def write_results(results: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:
-    """The report writer's files; an embed run's Markdown also has its own tables (bench/embed.py)."""
+    """The report writer's files; an OWN_MODULES run's Markdown also has its own tables (bench/embed.py,
+    bench/triton.py, bench/openai_front.py)."""
     from bench import report
 
     paths = report.write_results(results, out, stem)
-    if "embed" in results:
-        from bench import embed
-
-        report._write_atomic(paths["md"], embed.markdown(results))
+    for key, name in OWN_MODULES.items():
+        if key in results:
+            report._write_atomic(paths["md"], importlib.import_module(name).markdown(results))
     return paths
 
 
@@ -334,10 +349,9 @@ def print_ratios(results: dict[str, Any]) -> None:
     for note in results.get("notes", []):
         if note.startswith("llm skipped"):
             print(note)
-    if "embed" in results:
-        from bench.embed import summary_lines
-
-        print("\n".join(summary_lines(results["embed"])))
+    for key, name in OWN_MODULES.items():
+        if key in results:
+            print("\n".join(importlib.import_module(name).summary_lines(results[key])))
     for side in results.get("hostile", {}).get("sides", {}).values():
         for phase in side["phases"]:
             rss = phase["rss_mb"]

@@ -106,12 +106,6 @@ class OrtEmbedder(inprocess.Classifier):
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         return np.asarray(self.output("embedding", texts), dtype=np.float32)
 
-    def length_sorted_batches(self, texts: Sequence[str], batch_size: int) -> list[list[str]]:
-        """`texts` sorted by token count (the mask counts the real tokens of a padded batch), cut into batches."""
-        lengths = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(list(texts))]
-        ordered = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
-        return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-
 
 def sentence_transformer(model: inprocess.ModelFiles, threads: int, work: Path) -> tuple[Any, str]:
     """sentence-transformers' own model for the served embedder, and what it is: the folder the default export

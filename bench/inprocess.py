@@ -127,6 +127,13 @@ class Classifier:
         (values,) = self.session.run([name], {k: v for k, v in feeds.items() if k in self.inputs})
         return values
 
+    def length_sorted_batches(self, texts: Sequence[str], batch_size: int) -> list[list[str]]:
+        """`texts` sorted by token count (the mask counts the real tokens of a padded batch), cut into batches: the
+        least padding, what a loop that sees all the texts first can do."""
+        lengths = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(list(texts))]
+        ordered = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
+        return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         logits = self.output("logits", texts)
         logits = logits - logits.max(axis=1, keepdims=True)

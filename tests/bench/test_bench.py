@@ -351,3 +351,67 @@ def test_embed_comparison_plumbing(quick_repo: Path, tmp_path: Path, capsys: pyt
     assert capsys.readouterr().err.strip().endswith("embed: CPU only (sentence-transformers runs on PyTorch's CPU "
                                                     "build here)")
     assert not (tmp_path / "gpu").exists()
+
+
+@pytest.mark.parametrize("fixture, model", [("llm_repo", "tinyllama"), ("quick_repo", "docgpt")])
+def test_openai_front_comparison_plumbing(fixture: str, model: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> None:
+    """The OpenAI front against nlpserve.v1 on one real server: a tiny Llama with a chat template (chat on both
+    fronts) and the quick docgpt without one (completions); both fronts complete every request with the same
+    number of tokens (greedy), the comparison is recorded, the Markdown has the table, `report` rewrites it."""
+    from bench import openai_front
+    from bench.__main__ import main, write_results
+
+    repository = request.getfixturevalue(fixture)
+    plan = openai_front.FrontsPlan(name="test", rounds=2, streams=2, requests=4, max_tokens=4, aiperf_requests=0)
+    result = openai_front.bench_fronts(repository, model, plan, threads=1, variant="fp32", work=tmp_path / "w")
+    assert ("chat template" in result["prompts"]) == (model == "tinyllama")
+    assert len(result["rounds"]) == 2 and result["same_token_counts"]
+    for entry in result["rounds"]:
+        for label in ("nlpserve.v1", "openai"):
+            point = entry[label]
+            # 4 requests of at most 4 tokens (fewer when the model ends a sequence), the same on both fronts
+            assert point["ok"] == 4 and point["errors"] == [] and 4 <= point["tokens"] <= 16, (label, point)
+            assert point["ttft_ms"]["count"] == 4
+    (comparison,) = result["comparisons"]
+    assert comparison["id"] == "openai/openai-vs-nlpserve" and comparison["target"] == 0.9
+    assert len(comparison["a_values"]) == len(comparison["b_values"]) == 2
+
+    info = machine_info()
+    results = {"created": "2026-01-01T00:00:00+00:00", "machine": info, "machine_slug": machine_slug(info),
+               "plan": asdict(plan), "comparisons": result.pop("comparisons"), "openai": result}
+    paths = write_results(results, tmp_path / "out", "test-openai")
+    assert f"## OpenAI front against nlpserve.v1: {model} fp32" in paths["md"].read_text()
+    paths["md"].unlink()
+    assert main(["report", str(paths["json"])]) == 0
+    assert "## OpenAI front against nlpserve.v1" in paths["md"].read_text()
+    assert "openai: openai " in capsys.readouterr().out
+
+
+def test_triton_comparison_parts(quick_repo: Path, tmp_path: Path) -> None:
+    """The perf_analyzer side of the Triton comparison against the real server (PyTriton's venv is made only by
+    the benchmark itself: a few hundred MB): one point's figures from perf_analyzer's CSV, and the choice of the
+    best point under a p99 bound."""
+    from bench import triton
+    from server.process import ServerProcess
+
+    binary = triton.check_perf_analyzer()
+    plan = triton.TritonPlan(name="test", rounds=1, concurrency=(1, 2), window_ms=300)
+    data = tmp_path / "texts.json"
+    data.write_text(json.dumps({"data": [{"text": [t]} for t in TEXTS.sentences[:8]]}))
+    single = suite.single_model_repository(quick_repo, "sentiment", tmp_path)
+    with ServerProcess(single, args=["--http-port", "-1", "--log-level", "WARNING"]) as srv:
+        points = {c: triton.perf_analyzer_point(binary, srv.target, "sentiment", data, c, plan, tmp_path)
+                  for c in plan.concurrency}
+    for c, point in points.items():
+        assert point["concurrency"] == c and point["infer_per_s"] > 0
+        assert 0 < point["p50_ms"] <= point["p99_ms"], point
+        assert point["server_compute_ms"] > 0  # from the server's ModelStatistics
+    assert not list(tmp_path.glob("pa-*.csv"))  # each run's CSV read and removed
+
+    fake = {1: {"infer_per_s": 10.0, "p99_ms": 5.0, "concurrency": 1},
+            4: {"infer_per_s": 30.0, "p99_ms": 20.0, "concurrency": 4},
+            8: {"infer_per_s": 31.0, "p99_ms": 90.0, "concurrency": 8}}
+    assert triton.best_under(fake, None)["concurrency"] == 8
+    assert triton.best_under(fake, 20.0)["concurrency"] == 4
+    assert triton.best_under(fake, 1.0) is None

@@ -86,7 +86,7 @@ RUN missing="$(ldd /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnx
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 WORKDIR /home/nlpserve
-EXPOSE 50051 8000
+EXPOSE 50051 8000 8080
 # grpc_health_probe is not in the image; the project's client asks grpc.health.v1 and exits 0 only on SERVING.
 # The start period covers loading and warming up the models.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \

@@ -143,7 +143,8 @@ def test_gpu_stack(docker_compose):
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert server["command"] == ["--device", "cuda"]
     assert server["build"]["target"] == "runtime"
-    assert {p["target"] for p in server["ports"]} == {50051, 8000}
+    assert {p["target"] for p in server["ports"]} == {50051, 8000, 8080}
+    assert server["environment"]["NLPSERVE_HTTP_PORT"] == "8080"
     assert any(v["target"] == "/models" and v.get("read_only") for v in server["volumes"])
     test = server["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1:4] == ["python", "-m", "client"] and test[-1] == "health"

@@ -76,7 +76,7 @@ def test_deployment_probes_gpu_and_drain():
     pod = all_resources["Deployment/nlpserve"]["spec"]["template"]["spec"]
     (server,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 8000}
+    assert ports == {"grpc": 50051, "metrics": 8000, "http": 8080}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == ports["grpc"], probe
         assert "service" not in server[probe]["grpc"]  # "": the whole server, NOT_SERVING while draining
@@ -84,11 +84,14 @@ def test_deployment_probes_gpu_and_drain():
     assert "--device" in server["args"] and server["args"][server["args"].index("--device") + 1] == "cuda"
     env = {e["name"]: e["value"] for e in server["env"]}
     assert env["NLPSERVE_PORT"] == "50051" and env["NLPSERVE_METRICS_PORT"] == "8000"
+    assert env["NLPSERVE_HTTP_PORT"] == "8080"
     # Kubernetes waits for the drain: the grace period covers the preStop pause and the server's own grace.
     assert pod["terminationGracePeriodSeconds"] > float(env["NLPSERVE_GRACE_SECONDS"]) + 5
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
     services = [r for r in all_resources.values() if r["kind"] == "Service"]
     assert any(s["spec"].get("clusterIP") == "None" for s in services)  # for client-side balancing
+    main_service = all_resources["Service/nlpserve"]["spec"]["ports"]
+    assert {p["name"]: p["port"] for p in main_service} == {"grpc": 50051, "metrics": 8000, "http": 8080}
 
 
 def test_hpa_scales_on_a_metric_the_adapter_serves():

@@ -101,6 +101,13 @@ class Settings:
     max_active_sequences: int | None = field(
         default=None, metadata=_help("generators: sequences decoded together")
     )
+    prefill_chunk_tokens: int = field(
+        default=512,
+        metadata=_help(
+            "shared-buffer generators: prompt tokens prefilled per decode step, so that a long prompt delays "
+            "the running streams by one chunk at most (0: each prompt whole)"
+        ),
+    )
     max_texts_per_request: int = field(default=256, metadata=_help("classifiers: texts per Classify request"))
     max_message_bytes: int = field(
         default=4 * 1024 * 1024, metadata=_help("largest gRPC message received or sent")
@@ -242,6 +249,8 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         value = getattr(s, name)
         if value is not None and value < 1:
             problems.append(f"{_flag(name)} must be at least 1")
+    if s.prefill_chunk_tokens < 0:
+        problems.append("--prefill-chunk-tokens must be 0 or more")
     if s.max_queue_delay_ms is not None and not s.max_queue_delay_ms >= 0:
         problems.append("--max-queue-delay-ms must be 0 or more")
     if s.intra_op_threads < 0:

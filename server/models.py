@@ -136,7 +136,11 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             chat=model.chat_template is not None,
         )
         scheduler = GenerationScheduler(
-            model, max_active_sequences=active, max_queue_size=queue_size, metrics=metrics
+            model,
+            max_active_sequences=active,
+            max_queue_size=queue_size,
+            metrics=metrics,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
         )
         started = time.monotonic()
         ids = model.tokenizer.encode("warm up").ids or [0]

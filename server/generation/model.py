@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,25 +220,38 @@ class SharedBufferGenerator(GeneratorModel):
         rows = []
         try:
             for ids in prompts:
-                slot = self.pool.take()
-                slots.append(slot)
-                binding = self.session.session.io_binding()
-                self._bind_cache(binding, slot, 1)
-                input_ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-                rows.append(self._run(binding, input_ids, np.ones_like(input_ids)))
+                slots.append(self.pool.take())
+                rows.append(self.prefill_chunk(slots[-1], ids, 0))
         except BaseException:
             self.pool.release(slots)
             raise
         return np.concatenate(rows), SlotCache(self.pool, slots, [len(p) for p in prompts])
 
+    def prefill_chunk(self, slot: int, ids: Sequence[int], done: int) -> np.ndarray:
+        """Writes the prompt tokens `ids` into `slot` after the `done` tokens it holds (chunked prefill: the op
+        attends to those and to the chunk, causally); returns the chunk's last-position logits (1, vocab)."""
+        binding = self.session.session.io_binding()
+        self._bind_cache(binding, slot, 1)
+        input_ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        return self._run(binding, input_ids, np.ones((1, done + input_ids.shape[1]), dtype=np.int64))
+
     def decode(
-        self, tokens: Sequence[int], positions: Sequence[int], cache: SlotCache
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        cache: SlotCache,
+        writing: Mapping[int, int] | None = None,
     ) -> tuple[np.ndarray, SlotCache]:
         """One step over slots 0..highest in use (idle slots get a dummy token); `positions` are implied by
-        the slots' lengths."""
+        the slots' lengths. `writing`: slots not in the batch whose prompts are being written (chunked
+        prefill) and how many tokens each holds: their dummy token goes after those, where the next chunk
+        overwrites it (at position 0 it would overwrite the prompt's first token)."""
         span = max(cache.slots) + 1
         input_ids = np.zeros((span, 1), dtype=np.int64)
         lengths = np.zeros(span, dtype=np.int64)  # idle slots: a one-token mask, output ignored
+        for slot, held in (writing or {}).items():
+            if slot < span:
+                lengths[slot] = held
         input_ids[cache.slots, 0] = tokens
         lengths[cache.slots] = cache.lengths
         width = int(lengths.max()) + 1

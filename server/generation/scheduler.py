@@ -4,7 +4,11 @@ A dedicated thread runs the loop (ONNX Runtime releases the GIL while it compute
 only moves requests in and chunks out):
 
 1. at a step boundary, waiting requests are admitted up to ``max_active_sequences``; they are prefilled
-   together, get their first token, and join the running batch (their caches joined to the batch's);
+   together, get their first token, and join the running batch (their caches joined to the batch's). With
+   chunked prefill (shared-buffer decoders, ``prefill_chunk_tokens``), a step prefills at most that many
+   prompt tokens, in order of arrival: a long prompt is written into its slot over several steps, so that the
+   running sequences wait at most one chunk for their next token, and a cancel or a deadline stops it
+   between chunks;
 2. one decode step runs for every active sequence;
 3. sequences that finished (length, stop sequence, EOS), were cancelled, or passed their deadline leave at
    once, and their slots are free for the next boundary.
@@ -30,7 +34,7 @@ from ..metrics import GENERATE, Metrics
 from ..types import FinishReason, GenerateRequest, GenerationChunk, Timings, Usage, join_chunks
 from .detokenize import IncrementalDetokenizer
 from .kv_cache import KVCache
-from .model import GeneratorModel, PreparedRequest
+from .model import GeneratorModel, PreparedRequest, SharedBufferGenerator
 from .sampling import Sampler, sample_batch
 from .slot_cache import SlotCache
 from .stopping import StopMatcher
@@ -61,6 +65,10 @@ class _Sequence:
     generated: int = 0
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[float] = field(default_factory=list)
+    # chunked prefill: the KV slot being written, the prompt tokens in it so far, the time spent on them
+    slot: int = -1
+    prefilled: int = 0
+    prefill_seconds: float = 0.0
 
 
 class SequenceHandle:
@@ -137,13 +145,20 @@ class GenerationScheduler:
         max_active_sequences: int,
         max_queue_size: int,
         metrics: Metrics | None = None,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         self.model = model
         self.name = model.config.name
         self.max_active_sequences = max_active_sequences
         self.max_queue_size = max_queue_size
+        # Chunked prefill needs a cache a prompt can be written into piece by piece: the shared buffer's slots.
+        # The concatenating cache (GPT-2 exports) prefills each prompt whole.
+        self.prefill_chunk_tokens = (
+            prefill_chunk_tokens if isinstance(model, SharedBufferGenerator) and prefill_chunk_tokens > 0 else 0
+        )
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
+        self._prefilling: list[_Sequence] = []  # admitted, their prompts partly in their slots (chunked prefill)
         self._cache: KVCache | SlotCache | None = None
         self._cond = threading.Condition()
         self._closed = False
@@ -182,7 +197,8 @@ class GenerationScheduler:
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        """Admitted sequences: decoding, or (chunked prefill) their prompts being written."""
+        return len(self._active) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -288,14 +304,14 @@ class GenerationScheduler:
     def _gauges(self) -> None:
         if self._m is not None:
             self._m_queue_depth.set(len(self._waiting))
-            self._m_active.set(len(self._active))
+            self._m_active.set(len(self._active) + len(self._prefilling))
 
     # -- the decode thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._active:
+                while not self._waiting and not self._active and not self._prefilling:
                     if self._closed:
                         return
                     self._cond.wait()
@@ -305,7 +321,7 @@ class GenerationScheduler:
                 self._iterate(admitted, events)
             except Exception as exc:  # a bug, not a model error: fail what is running, keep the thread alive
                 log.exception("model %s: the scheduler failed; failing the running sequences", self.name)
-                running = [s for s in {*self._active, *admitted} if not s.finished]
+                running = [s for s in {*self._active, *self._prefilling, *admitted} if not s.finished]
                 events.extend((seq.sink, exc) for seq in running)  # keep what finished before it
                 self._drop_batch()
             with self._cond:
@@ -316,7 +332,7 @@ class GenerationScheduler:
     def _admit(self) -> list[_Sequence]:
         """Waiting requests that fit beside the running batch (under the lock). Rows cancelled since the last
         step leave at this boundary, before the prefill, so their slots count as free already."""
-        running = sum(not seq.cancelled for seq in self._active)
+        running = sum(not seq.cancelled for seq in (*self._active, *self._prefilling))
         admitted = []
         while self._waiting and running + len(admitted) < self.max_active_sequences:
             admitted.append(self._waiting.popleft())
@@ -325,22 +341,26 @@ class GenerationScheduler:
     def _iterate(self, admitted: list[_Sequence], events: list[tuple[Sink, Event]]) -> None:
         """One step boundary: leave, join (prefill), one decode step."""
         self._leave(events)
-        if admitted:
-            self._prefill(admitted, events)
+        if admitted or self._prefilling:
+            if self.prefill_chunk_tokens:
+                self._prefill_chunked(admitted, events)
+            else:
+                self._prefill(admitted, events)
             if events:  # first tokens go out now, not after the decode step
                 self._deliver(events[:])  # a copy: delivery may happen later, on the event loop
                 events.clear()
         if self._active:
             try:
                 self._step(events)
-            except Exception as exc:  # fails the sequences of this step only
+            except Exception as exc:  # fails the sequences of this step (and the prompts being written: the
+                # pool is reset with the batch)
                 log.exception("model %s: a decode step of %d sequences failed", self.name, len(self._active))
-                events.extend((seq.sink, exc) for seq in self._active)
+                events.extend((seq.sink, exc) for seq in (*self._active, *self._prefilling))
                 self._drop_batch()
 
     def _drop_batch(self) -> None:
         """Forgets the running batch (after a failure): its sequences and every cached row."""
-        self._active, self._cache = [], None
+        self._active, self._cache, self._prefilling = [], None, []
         self.model.reset()
 
     def _leave(self, events: list[tuple[Sink, Event]]) -> None:
@@ -353,13 +373,25 @@ class GenerationScheduler:
                 seq.cancelled = True
             if not seq.cancelled:
                 keep.append(row)
-        if len(keep) < len(self._active):
-            self._active = [self._active[r] for r in keep]
-            self._cache = self._cache.select(keep)
+        writing = []
+        for seq in self._prefilling:
+            if seq.deadline is not None and now >= seq.deadline and not seq.cancelled:
+                events.append((seq.sink, DeadlineExceeded("the deadline passed during the prompt's prefill")))
+                seq.cancelled = True
+            if seq.cancelled:
+                self.model.pool.release([seq.slot])
+            else:
+                writing.append(seq)
+        if len(keep) < len(self._active) or len(writing) < len(self._prefilling):
+            if len(keep) < len(self._active):
+                self._active = [self._active[r] for r in keep]
+                self._cache = self._cache.select(keep)
+            self._prefilling = writing
             with self._cond:
                 self._gauges()
 
-    def _prefill(self, admitted: list[_Sequence], events: list[tuple[Sink, Event]]) -> None:
+    def _start(self, admitted: list[_Sequence], events: list[tuple[Sink, Event]]) -> list[_Sequence]:
+        """The admitted sequences that start their prefill now (not cancelled, deadline not passed)."""
         now = time.monotonic()
         group = []
         for seq in admitted:
@@ -372,12 +404,26 @@ class GenerationScheduler:
                 continue
             seq.started = now
             group.append(seq)
-        if not group:
-            return
-        if self._m is not None:
+        if self._m is not None and group:
             for seq in group:
                 self._m_queue_time.observe(now - seq.arrival)
             self._m_prompt.inc(sum(len(s.prepared.prompt_ids) for s in group))
+        return group
+
+    def _join(self, seqs: list[_Sequence], logits, cache: KVCache | SlotCache, events) -> None:
+        """Sequences whose prompts are in `cache` sample their first token and join the running batch."""
+        for seq in seqs:
+            seq.position = len(seq.prepared.prompt_ids)
+        keep = self._accept(seqs, logits, events)
+        cache = cache.select(keep)  # frees what ended at its first token
+        if keep:
+            self._cache = cache if self._cache is None else type(cache).join(self._cache, cache)
+            self._active.extend(seqs[r] for r in keep)
+
+    def _prefill(self, admitted: list[_Sequence], events: list[tuple[Sink, Event]]) -> None:
+        group = self._start(admitted, events)
+        if not group:
+            return
         for chunk in prefill_chunks(group, self.model.vocab_size, not self.model.last_logits_only):
             started = time.monotonic()
             try:
@@ -386,23 +432,53 @@ class GenerationScheduler:
                 log.exception("model %s: a prefill of %d sequences failed", self.name, len(chunk))
                 events.extend((seq.sink, exc) for seq in chunk)
                 continue
-            for seq in chunk:
-                seq.position = len(seq.prepared.prompt_ids)
-            keep = self._accept(chunk, logits, events)
             if self._m is not None:
                 self._m_prefill.observe(time.monotonic() - started)
-            cache = cache.select(keep)  # frees what ended at its first token
-            if keep:
-                self._cache = cache if self._cache is None else type(cache).join(self._cache, cache)
-                self._active.extend(chunk[r] for r in keep)
+            self._join(chunk, logits, cache, events)
+        with self._cond:
+            self._gauges()
+
+    def _prefill_chunked(self, admitted: list[_Sequence], events: list[tuple[Sink, Event]]) -> None:
+        """At most `prefill_chunk_tokens` prompt tokens this step, in order of arrival: the sequences whose
+        prompts complete join the batch; the one cut by the budget goes on at the next step."""
+        model = self.model
+        assert isinstance(model, SharedBufferGenerator)
+        for seq in self._start(admitted, events):
+            seq.slot = model.pool.take()  # admission keeps sequences within the slots: never Overloaded
+            self._prefilling.append(seq)
+        budget = self.prefill_chunk_tokens
+        while budget > 0 and self._prefilling:
+            seq = self._prefilling[0]
+            ids = seq.prepared.prompt_ids
+            n = min(len(ids) - seq.prefilled, budget)
+            started = time.monotonic()
+            try:
+                logits = model.prefill_chunk(seq.slot, ids[seq.prefilled : seq.prefilled + n], seq.prefilled)
+            except Exception as exc:  # fails this sequence only
+                log.exception("model %s: a prefill chunk of %d tokens failed", self.name, n)
+                self._prefilling.pop(0)
+                model.pool.release([seq.slot])
+                events.append((seq.sink, exc))
+                continue
+            seq.prefill_seconds += time.monotonic() - started
+            seq.prefilled += n
+            budget -= n
+            if seq.prefilled < len(ids):
+                break  # the budget is spent; the rest at the next step
+            self._prefilling.pop(0)
+            if self._m is not None:
+                self._m_prefill.observe(seq.prefill_seconds)
+            self._join([seq], logits, SlotCache(model.pool, [seq.slot], [len(ids)]), events)
         with self._cond:
             self._gauges()
 
     def _step(self, events: list[tuple[Sink, Event]]) -> None:
         start = time.monotonic()
         active = self._active
+        # Slots whose prompts are being written (chunked prefill) keep what they hold through the step.
+        writing = {"writing": {s.slot: s.prefilled for s in self._prefilling}} if self._prefilling else {}
         logits, cache = self.model.decode(
-            [s.last_id for s in active], [s.position for s in active], self._cache
+            [s.last_id for s in active], [s.position for s in active], self._cache, **writing
         )
         for seq in active:
             seq.position += 1

@@ -1,19 +1,24 @@
 """The shared-buffer decoder path (GroupQueryAttention graphs, slot_cache.py) on a tiny exported Llama: slots
 are taken lowest first and freed on leave, rows with holes between them decode exactly as each sequence
-alone, and the scheduler returns every slot when its requests end."""
+alone, and the scheduler returns every slot when its requests end; chunked prefill writes a prompt over
+several steps with the same result, beside running streams, and a cancel or a deadline stops it between
+chunks."""
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from server.config import Device
+from server.errors import DeadlineExceeded
 from server.generation.model import SharedBufferGenerator, make_generator
 from server.generation.scheduler import GenerationScheduler
-from server.generation.slot_cache import SlotPool
+from server.generation.slot_cache import SlotCache, SlotPool
 from server.repository import ModelConfig
 from server.runtime import Session
 from server.types import GenerateRequest, SamplingParams
@@ -108,4 +113,103 @@ def test_scheduler_returns_every_slot(generator: SharedBufferGenerator) -> None:
         scheduler.close(10)
     for i in range(len(prompts)):
         assert [t for chunk in results[i] for t in chunk.token_ids] == expected[i]
+    assert generator.pool.free == generator.pool.slots
+
+
+def test_a_prompt_written_in_chunks_continues_as_one_written_whole(generator: SharedBufferGenerator) -> None:
+    """GroupQueryAttention attends to what a slot holds plus the chunk: a prompt prefilled in chunks of 1-4
+    tokens gives the logits of the whole prompt, and the same greedy continuation."""
+    prompt = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    whole_logits, whole = generator.prefill([prompt])
+    whole.release()
+    expected = greedy_alone(generator, prompt, 8)
+    for size in (1, 2, 4):
+        slot = generator.pool.take()
+        for done in range(0, len(prompt), size):
+            logits = generator.prefill_chunk(slot, prompt[done : done + size], done)
+        np.testing.assert_allclose(logits, whole_logits, atol=1e-4)
+        cache = SlotCache(generator.pool, [slot], [len(prompt)])
+        out = []
+        for _ in range(8):
+            out.append(int(logits[0].argmax()))
+            logits, cache = generator.decode([out[-1]], [0], cache)
+        cache.release()
+        assert out == expected, size
+    assert generator.pool.free == generator.pool.slots
+
+
+def drive(scheduler: GenerationScheduler, steps: int | None = None) -> None:
+    """Runs the scheduler's step boundaries in this thread (deterministic: no decode thread)."""
+    n = 0
+    while (scheduler._waiting or scheduler._active or scheduler._prefilling) and (steps is None or n < steps):
+        with scheduler._cond:
+            admitted = scheduler._admit()
+        events: list = []
+        scheduler._iterate(admitted, events)
+        for sink, event in events:
+            sink(event)
+        n += 1
+
+
+def collect() -> tuple[dict[str, list], Callable[[str], Callable[[object], None]]]:
+    results: dict[str, list] = {}
+
+    def sink_for(name: str):
+        results[name] = []
+        return results[name].append
+
+    return results, sink_for
+
+
+def tokens(events: list) -> list[int]:
+    assert all(not isinstance(e, BaseException) for e in events), events
+    return [t for e in events for t in e.token_ids]
+
+
+def test_chunked_prefill_beside_running_streams(generator: SharedBufferGenerator) -> None:
+    """A prompt written 4 tokens per step into a lower slot while a stream decodes in a higher one (the step
+    spans the slot being written): both streams give exactly the tokens of each alone; every slot comes back."""
+    scheduler = GenerationScheduler(generator, max_active_sequences=3, max_queue_size=8, prefill_chunk_tokens=4)
+    results, sink_for = collect()
+    ids = {"a": [5, 9], "b": [100, 7, 8], "c": [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]}
+
+    def submit(name: str, max_new: int) -> None:
+        request = GenerateRequest("tinyllama", generator.tokenizer.decode(ids[name]), SamplingParams(max_new_tokens=max_new))
+        prepared = generator.prepare(request)
+        ids[name] = prepared.prompt_ids  # what the tokenizer gives back for the decoded text
+        scheduler.submit(request, sink_for(name), prepared=prepared)
+
+    submit("a", 1)  # slot 0: ends at its first token, a hole below b
+    submit("b", 10)  # slot 1
+    drive(scheduler, 2)
+    assert [s.slot for s in scheduler._active] == [1] and generator.pool.free == generator.pool.slots - 1
+    submit("c", 6)  # slot 0, several steps of 4 prompt tokens while b decodes in slot 1
+    drive(scheduler, 1)
+    assert [s.slot for s in scheduler._prefilling] == [0] or len(ids["c"]) <= 4
+    drive(scheduler)
+    for name, max_new in (("a", 1), ("b", 10), ("c", 6)):
+        alone = greedy_alone(generator, ids[name], max_new)
+        ends = [j for j, t in enumerate(alone) if t in generator.eos_ids]
+        assert tokens(results[name]) == (alone[: ends[0] + 1] if ends else alone), name
+    assert generator.pool.free == generator.pool.slots
+
+
+def test_a_prompt_cancelled_between_chunks_frees_its_slot(generator: SharedBufferGenerator) -> None:
+    scheduler = GenerationScheduler(generator, max_active_sequences=2, max_queue_size=8, prefill_chunk_tokens=2)
+    results, sink_for = collect()
+    long = GenerateRequest("tinyllama", "one two three four five six seven eight", SamplingParams(max_new_tokens=4))
+    handle = scheduler.submit(long, sink_for("long"))
+    drive(scheduler, 1)
+    assert len(scheduler._prefilling) == 1 and scheduler.active == 1 and generator.pool.free == generator.pool.slots - 1
+    handle.cancel()
+    drive(scheduler)
+    assert results["long"] == [] and scheduler.active == 0
+    assert generator.pool.free == generator.pool.slots
+    # A deadline that passes between chunks ends the prompt with DEADLINE_EXCEEDED, its slot freed.
+    scheduler.submit(long, sink_for("late"), deadline=time.monotonic() + 3600)
+    drive(scheduler, 1)
+    scheduler._prefilling[0].deadline = time.monotonic() - 1
+    drive(scheduler)
+    (event,) = results["late"]
+    assert isinstance(event, DeadlineExceeded) and "prefill" in str(event)
     assert generator.pool.free == generator.pool.slots

@@ -52,7 +52,8 @@ CLIENT_NOTE = (
 
 # The commands whose plan, figures and Markdown live in a module of their own (the key is also where the results
 # keep its figures).
-OWN_MODULES = {"embed": "bench.embed", "triton": "bench.triton", "openai": "bench.openai_front"}
+OWN_MODULES = {"embed": "bench.embed", "triton": "bench.triton", "openai": "bench.openai_front",
+               "longprompt": "bench.long_prompt"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     text = ("generation: the OpenAI-compatible HTTP front (openai SDK, SSE) against nlpserve.v1 (AsyncClient, gRPC) "
             "on the same server and model at 16 streams, then aiperf against the OpenAI front")
     commands.add_parser("openai", parents=[common], help=text, description=text)
+    text = ("long prompts arriving while 16 streams decode: inter-token latency with chunked prefill against without, "
+            "on the Llama-family model (--models DIR, default models/; --llm-model)")
+    commands.add_parser("longprompt", parents=[common], help=text, description=text)
     again = commands.add_parser("report", help="rewrite the Markdown table and plots of a results JSON",
                                 description="rewrite the Markdown table and plots of a results JSON (same folder)")
     again.add_argument("results", type=Path, help="a bench/results/*.json file")

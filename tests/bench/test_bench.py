@@ -415,3 +415,33 @@ def test_triton_comparison_parts(quick_repo: Path, tmp_path: Path) -> None:
     assert triton.best_under(fake, None)["concurrency"] == 8
     assert triton.best_under(fake, 20.0)["concurrency"] == 4
     assert triton.best_under(fake, 1.0) is None
+
+
+def test_long_prompt_comparison_plumbing(llm_repo: Path, quick_repo: Path, tmp_path: Path) -> None:
+    """The long-prompt comparison on a tiny Llama: real servers with chunked prefill and without, streams and a
+    long-prompt client at once, the comparisons, the results writer; a concatenating decoder is refused."""
+    from bench import load as bench_load
+    from bench import long_prompt
+    from bench.__main__ import write_results
+
+    plan = long_prompt.LongPromptPlan(name="test", rounds=1, streams=2, max_new_tokens=4, long_tokens=48,
+                                      long_new_tokens=1, window=bench_load.Window(0.2, 1.5, 0, 1.5), chunk_tokens=(8,))
+    result = long_prompt.bench_long_prompts(llm_repo, "tinyllama", plan, threads=1, variant="fp32", work=tmp_path)
+    (entry,) = result["rounds"]
+    assert set(entry) == {"chunk 8", "whole"}
+    for point in entry.values():
+        assert point["streams"]["codes"].get("OK", 0) > 0 and point["streams"]["itl_ms"]["count"] > 0
+        assert point["long_prompts"]["count"] > 0  # long prompts were answered during the window
+    ids = {c["id"] for c in result["comparisons"]}
+    assert ids == {"longprompt/chunk8/itl-p99", "longprompt/chunk8/itl-max", "longprompt/chunk8/tokens",
+                   "longprompt/chunk8/long-ttft"}
+    assert len(long_prompt.long_prompts(inprocess.ModelFiles.find(llm_repo, "tinyllama"), 48)) == 4
+
+    info = machine_info()
+    results = {"created": "2026-01-01T00:00:00+00:00", "machine": info, "machine_slug": machine_slug(info),
+               "plan": asdict(plan), "comparisons": result.pop("comparisons"), "longprompt": result}
+    paths = write_results(results, tmp_path / "out", "test-longprompt")
+    assert "## Long prompts: tinyllama fp32, 48-token prompts, chunks of 8" in paths["md"].read_text()
+
+    with pytest.raises(ValueError, match="shared-buffer decoder"):  # the quick docgpt concatenates its cache
+        long_prompt.bench_long_prompts(quick_repo, "docgpt", plan, 1, "fp32", tmp_path / "concat")

@@ -101,6 +101,13 @@ class Settings:
     max_active_sequences: int | None = field(
         default=None, metadata=_help("generators: sequences decoded together")
     )
+    stream_interval: int = field(
+        default=1,
+        metadata=_help(
+            "generators: tokens per streamed message (1: each token as it comes; more: fewer, larger messages; the "
+            "first token and the last message go at once)"
+        ),
+    )
     prefill_chunk_tokens: int = field(
         default=512,
         metadata=_help(
@@ -249,6 +256,8 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         value = getattr(s, name)
         if value is not None and value < 1:
             problems.append(f"{_flag(name)} must be at least 1")
+    if s.stream_interval < 1:
+        problems.append("--stream-interval must be at least 1")
     if s.prefill_chunk_tokens < 0:
         problems.append("--prefill-chunk-tokens must be 0 or more")
     if s.max_queue_delay_ms is not None and not s.max_queue_delay_ms >= 0:

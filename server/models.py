@@ -141,6 +141,7 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             max_queue_size=queue_size,
             metrics=metrics,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            stream_interval=settings.stream_interval,
         )
         started = time.monotonic()
         ids = model.tokenizer.encode("warm up").ids or [0]

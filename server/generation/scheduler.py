@@ -65,6 +65,7 @@ class _Sequence:
     generated: int = 0
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[float] = field(default_factory=list)
+    pending_text: str = ""  # held back by stream_interval
     # chunked prefill: the KV slot being written, the prompt tokens in it so far, the time spent on them
     slot: int = -1
     prefilled: int = 0
@@ -146,6 +147,7 @@ class GenerationScheduler:
         max_queue_size: int,
         metrics: Metrics | None = None,
         prefill_chunk_tokens: int = 0,
+        stream_interval: int = 1,
     ) -> None:
         self.model = model
         self.name = model.config.name
@@ -156,6 +158,9 @@ class GenerationScheduler:
         self.prefill_chunk_tokens = (
             prefill_chunk_tokens if isinstance(model, SharedBufferGenerator) and prefill_chunk_tokens > 0 else 0
         )
+        # Tokens per chunk sent (vLLM's stream_interval): 1 sends every token as it comes; more send fewer,
+        # larger messages (the first token and the last chunk always go at once).
+        self.stream_interval = max(1, stream_interval)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._prefilling: list[_Sequence] = []  # admitted, their prompts partly in their slots (chunked prefill)
@@ -534,11 +539,15 @@ class GenerationScheduler:
             if finish is None and seq.cancelled:
                 continue  # the client is gone: nothing to send, and the row leaves now
             generated += 1
-            if finish is not None or text:
+            text = seq.pending_text + text
+            held = finish is None and seq.generated > 1 and len(seq.pending_ids) < self.stream_interval
+            if held:
+                seq.pending_text = text
+            elif finish is not None or text:
                 chunk = GenerationChunk(
                     text, seq.pending_ids, seq.pending_logprobs if seq.want_logprobs else None
                 )
-                seq.pending_ids, seq.pending_logprobs = [], []
+                seq.pending_ids, seq.pending_logprobs, seq.pending_text = [], [], ""
                 if finish is not None:
                     seq.finished = True
                     chunk.finish = finish

@@ -438,3 +438,24 @@ def test_a_row_cancelled_since_the_last_step_frees_its_place_at_once(generator):
     assert [seq.prepared.request.prompt for seq in admitted] == [PROMPTS[2]]
     s._iterate(admitted, events)
     assert s.active == 2 and [seq.prepared.request.prompt for seq in s._active] == [PROMPTS[1], PROMPTS[2]]
+
+
+def test_stream_interval_sends_fewer_larger_chunks_of_the_same_tokens(generator, scheduler):
+    """stream_interval 3: the first token at once, then chunks of 3 tokens, the rest with the last chunk; the
+    same tokens and text as one chunk per token (greedy)."""
+    every = Collector()
+    scheduler.submit(GenerateRequest("docgpt", PROMPTS[0], SamplingParams(max_new_tokens=12)), every)
+    expected = every.result()
+    grouped = GenerationScheduler(generator, max_active_sequences=4, max_queue_size=8, stream_interval=3)
+    grouped.start()
+    try:
+        sink = Collector()
+        grouped.submit(GenerateRequest("docgpt", PROMPTS[0], SamplingParams(max_new_tokens=12)), sink)
+        out = sink.result()
+    finally:
+        grouped.close(10)
+    assert out.token_ids == expected.token_ids and out.text == expected.text
+    sizes = [len(c.token_ids) for c in sink.chunks]
+    assert sizes[0] == 1 and all(n >= 3 for n in sizes[1:-1]) and sum(sizes) == len(out.token_ids)
+    n = len(out.token_ids)
+    assert len(sink.chunks) <= 1 + -(-(n - 1) // 3), sizes  # the first, then one per 3 tokens at most

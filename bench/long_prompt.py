@@ -18,20 +18,19 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from bench import inprocess, load
 from bench.data import load_texts
-from bench.machine import ROOT
+from bench.llm import DEFAULT_REPOSITORY
 from bench.stats import latency_summary
 
 logger = logging.getLogger(__name__)
 
 clock = time.perf_counter
-DEFAULT_REPOSITORY = ROOT / "models"
 NOTE = (
     "Long prompts: servers on the same model, chunked prefill (--prefill-chunk-tokens, one server per size) and not "
     "(0), rotating rounds; 16 chat streams (AsyncClient, greedy) and one client sending long prompts back to back, all in the "
@@ -184,11 +183,9 @@ def run(args: Any, info: dict[str, Any]) -> dict[str, Any]:
     """`python -m bench longprompt`: the figures under `results["longprompt"]`, and the comparisons."""
     import tempfile
 
-    if args.device != "cpu":
-        raise ValueError("longprompt: CPU only for now")
-    plan = LONG_QUICK if args.quick else LONG_FULL
-    if args.rounds:
-        plan = replace(plan, rounds=args.rounds)
+    from bench.suite import plan_of
+
+    plan = plan_of(args, LONG_QUICK, LONG_FULL, "longprompt")
     repository = args.models or DEFAULT_REPOSITORY
     threads = args.threads or info["cpus_usable"]
     work = Path(tempfile.mkdtemp(prefix="nlpserve-bench-longprompt-"))

@@ -293,15 +293,10 @@ def bench_fronts(repository: Path, model_name: str, plan: FrontsPlan, threads: i
 
 def run(args: Any, info: dict[str, Any]) -> dict[str, Any]:
     """`python -m bench openai`: the figures under `results["openai"]`, and the comparison."""
-    from dataclasses import replace
-
     from bench.llm import DEFAULT_REPOSITORY
+    from bench.suite import plan_of
 
-    if args.device != "cpu":
-        raise ValueError("openai: CPU only for now")
-    plan = OPENAI_QUICK if args.quick else OPENAI_FULL
-    if args.rounds:
-        plan = replace(plan, rounds=args.rounds)
+    plan = plan_of(args, OPENAI_QUICK, OPENAI_FULL, "openai")
     repository = args.models or DEFAULT_REPOSITORY
     name = args.llm_model
     if not (repository / name).is_dir():

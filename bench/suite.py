@@ -499,5 +499,13 @@ def profiled(
     return {"model": model, "load": point, "concurrency": concurrency, **profiling.summarize(raw.read_text())}
 
 
+def plan_of(args: Any, quick: Any, full: Any, command: str) -> Any:
+    """The plan a command's own module runs (`--quick` or full, `--rounds`); CPU only (ValueError naming it)."""
+    if args.device != "cpu":
+        raise ValueError(f"{command}: CPU only for now")
+    plan = quick if args.quick else full
+    return replace(plan, rounds=args.rounds) if args.rounds else plan
+
+
 def plan_dict(plan: Plan) -> dict[str, Any]:
     return asdict(plan)

@@ -297,15 +297,11 @@ def bench_triton(repository: Path, texts: list[str], plan: TritonPlan, threads: 
 
 def run(args: Any, info: dict[str, Any]) -> dict[str, Any]:
     """`python -m bench triton`: the figures under `results["triton"]`, and the comparisons."""
-    from dataclasses import replace
-
     from bench.data import load_texts
+    from bench.suite import plan_of
 
-    if args.device != "cpu":
-        raise ValueError("triton: CPU only for now (PyTriton's venv holds onnxruntime's CPU build)")
-    plan = TRITON_QUICK if args.quick else TRITON_FULL
-    if args.rounds:
-        plan = replace(plan, rounds=args.rounds)
+    # CPU only: PyTriton's venv holds onnxruntime's CPU build.
+    plan = plan_of(args, TRITON_QUICK, TRITON_FULL, "triton")
     repository = args.models or (models.quick_repository(args.rebuild_models) if args.quick
                                  else models.demo_repository(None, args.rebuild_models))
     texts = load_texts(args.data, count=plan.texts)

@@ -365,7 +365,7 @@ def test_openai_front_comparison_plumbing(fixture: str, model: str, tmp_path: Pa
     repository = request.getfixturevalue(fixture)
     plan = openai_front.FrontsPlan(name="test", rounds=2, streams=2, requests=4, max_tokens=4, aiperf_requests=0)
     result = openai_front.bench_fronts(repository, model, plan, threads=1, variant="fp32", work=tmp_path / "w")
-    assert ("chat template" in result["prompts"]) == (model == "tinyllama")
+    assert ("no chat template" in result["prompts"]) == (model == "docgpt")
     assert len(result["rounds"]) == 2 and result["same_token_counts"]
     for entry in result["rounds"]:
         for label in ("nlpserve.v1", "openai"):

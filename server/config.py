@@ -19,6 +19,13 @@ from typing import Any
 ENV_PREFIX = "NLPSERVE_"
 
 
+class ArenaExtend(str, enum.Enum):
+    """How ONNX Runtime's CUDA memory arena grows (its `arena_extend_strategy`)."""
+
+    SAME_AS_REQUESTED = "kSameAsRequested"
+    NEXT_POWER_OF_TWO = "kNextPowerOfTwo"
+
+
 class Device(str, enum.Enum):
     AUTO = "auto"
     CPU = "cpu"
@@ -100,6 +107,17 @@ class Settings:
     )
     max_active_sequences: int | None = field(
         default=None, metadata=_help("generators: sequences decoded together")
+    )
+    cuda_device_id: int = field(default=0, metadata=_help("CUDA and TensorRT: the GPU to run on"))
+    cuda_memory_limit_mb: int = field(
+        default=0, metadata=_help("CUDA: the most memory ONNX Runtime's arena may take, in MiB (0: no limit)")
+    )
+    cuda_arena_extend_strategy: ArenaExtend = field(
+        default=ArenaExtend.SAME_AS_REQUESTED,
+        metadata=_help(
+            "CUDA: how the memory arena grows (kSameAsRequested: by what a run asks for, so the cache and the "
+            "batches do not round up to powers of two; kNextPowerOfTwo: ONNX Runtime's default)"
+        ),
     )
     stream_interval: int = field(
         default=1,
@@ -186,6 +204,7 @@ def _converter(opt: dataclasses.Field) -> Any:
         "int": int,
         "float": float,
         "str": str,
+        "ArenaExtend": ArenaExtend,
         "Device": Device,
         "Variant": Variant,
         "BatchPolicy": BatchPolicy,
@@ -256,6 +275,10 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         value = getattr(s, name)
         if value is not None and value < 1:
             problems.append(f"{_flag(name)} must be at least 1")
+    if s.cuda_device_id < 0:
+        problems.append("--cuda-device-id must be 0 or more")
+    if s.cuda_memory_limit_mb < 0:
+        problems.append("--cuda-memory-limit-mb must be 0 or more")
     if s.stream_interval < 1:
         problems.append("--stream-interval must be at least 1")
     if s.prefill_chunk_tokens < 0:

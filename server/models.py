@@ -26,7 +26,7 @@ from .generation.model import MAX_STOP_SEQUENCES, make_generator
 from .generation.scheduler import GenerationScheduler
 from .metrics import CLASSIFY, CLASSIFY_TOKENS, EMBED, Metrics
 from .repository import CLASSIFIER, EMBEDDER, ENCODERS, GENERATOR, TOKEN_CLASSIFIER, ModelConfig
-from .runtime import Session
+from .runtime import CudaOptions, Session
 from .token_classify import TokenClassifierModel
 from .types import (
     ClassifyRequest,
@@ -76,7 +76,10 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
     """Creates the session (raising StartupError when the asked provider is not active) and the model's
     batcher or scheduler, then warms it up. Blocking: call it off the event loop."""
     variant, path = config.model_file(settings.variant.value if settings.variant else None)
-    session = Session(path, settings.device, settings.intra_op_threads, settings.graph_optimization)
+    cuda = CudaOptions(
+        settings.cuda_device_id, settings.cuda_memory_limit_mb, settings.cuda_arena_extend_strategy.value
+    )
+    session = Session(path, settings.device, settings.intra_op_threads, settings.graph_optimization, cuda=cuda)
     queue_size = int(_batching(config, settings, "max_queue_size", 1024))
     version = str(config.version)
     if config.kind in ENCODERS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -79,6 +80,26 @@ def failure_of(exc: Exception) -> Exception:
     return exc
 
 
+@dataclass(frozen=True)
+class CudaOptions:
+    """The CUDA (and TensorRT) provider's settings: which GPU, how much memory its arena may take, how it grows."""
+
+    device_id: int = 0
+    memory_limit_mb: int = 0  # 0: no limit
+    arena_extend_strategy: str = "kSameAsRequested"
+
+    def provider_options(self, provider: str) -> dict[str, str]:
+        """ONNX Runtime's options for `provider` (its documented names, as strings)."""
+        if provider == CUDA:
+            options = {"device_id": str(self.device_id), "arena_extend_strategy": self.arena_extend_strategy}
+            if self.memory_limit_mb:
+                options["gpu_mem_limit"] = str(self.memory_limit_mb * 2**20)
+            return options
+        if provider == TENSORRT:
+            return {"device_id": str(self.device_id)}
+        return {}
+
+
 def requested_providers(device: Device) -> list[str]:
     """Providers to ask ONNX Runtime for, in order. ``auto`` asks for CUDA when this build offers it."""
     if device is Device.AUTO:
@@ -97,6 +118,7 @@ class Session:
         intra_op_threads: int = 0,
         optimization: GraphOptimization = GraphOptimization.ALL,
         io_binding: bool | None = None,
+        cuda: CudaOptions | None = None,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = _OPTIMIZATION[optimization]
@@ -106,8 +128,13 @@ class Session:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         requested = requested_providers(device)
+        cuda = cuda or CudaOptions()
         self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=requested)
+        # UNVERIFIED without a GPU: the CUDA options reach ONNX Runtime (a CPU-only run ignores them).
+        self.provider_options = [cuda.provider_options(p) for p in requested]
+        self.session = ort.InferenceSession(
+            str(path), options, providers=requested, provider_options=self.provider_options
+        )
         active = self.session.get_providers()
         self.provider = active[0]
         if (
@@ -127,6 +154,7 @@ class Session:
         # feeds back (the KV cache) can stay on the device. `io_binding=True` forces the same path on the CPU,
         # which is how the tests exercise it without a GPU.
         self.device = "cuda" if self.provider in (CUDA, TENSORRT) else "cpu"
+        self.device_id = cuda.device_id if self.device == "cuda" else 0  # where IO binding puts device tensors
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -155,7 +183,7 @@ class Session:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in output_names:
             # What the caller reads on the host is copied there by ONNX Runtime; the rest stays on the device.
-            binding.bind_output(name, self.device if name in keep else "cpu", 0)
+            binding.bind_output(name, self.device if name in keep else "cpu", self.device_id if name in keep else 0)
         self.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return [v if name in keep else v.numpy() for name, v in zip(output_names, outputs)]

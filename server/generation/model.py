@@ -186,6 +186,7 @@ class SharedBufferGenerator(GeneratorModel):
             self.head_size,
             self.cache_dtype,
             session.device,
+            session.device_id,
         )
         self._cache_names = [
             (f"past_key_values.{i}.{kv}", f"present.{i}.{kv}")
@@ -200,10 +201,10 @@ class SharedBufferGenerator(GeneratorModel):
 
     def _bind_cache(self, binding: ort.IOBinding, first_slot: int, rows: int) -> None:
         shape = (rows, *self.pool.row_shape)
-        device = self.pool.device
+        device, device_id = self.pool.device, self.pool.device_id
         for (past, present), pointer in zip(self._cache_names, self.pool.pointers(first_slot)):
-            binding.bind_input(past, device, 0, self._element, shape, pointer)
-            binding.bind_output(present, device, 0, self._element, shape, pointer)
+            binding.bind_input(past, device, device_id, self._element, shape, pointer)
+            binding.bind_output(present, device, device_id, self._element, shape, pointer)
 
     def _run(self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         binding.bind_cpu_input("input_ids", input_ids)

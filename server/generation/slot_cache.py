@@ -41,12 +41,14 @@ class SlotPool:
         head_size: int,
         dtype: type,
         device: str = "cpu",
+        device_id: int = 0,
     ) -> None:
         self.slots = slots
         self.max_length = max_length
         self.row_shape = (kv_heads, max_length, head_size)
         self.dtype = np.dtype(dtype)
         self.device = device
+        self.device_id = device_id
         shape = (slots, *self.row_shape)
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
         if device == "cpu":
@@ -54,7 +56,7 @@ class SlotPool:
             self._pointers = [b.ctypes.data for b in self._buffers]
         else:  # UNVERIFIED without a GPU: device memory through ONNX Runtime's own allocator
             self._buffers = [
-                ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype.type, device, 0)
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype.type, device, device_id)
                 for _ in range(2 * num_layers)
             ]
             self._pointers = [b.data_ptr() for b in self._buffers]

@@ -83,3 +83,19 @@ def test_a_lost_device_stops_the_model_and_tells_the_hub(allocating_graph, messa
     with pytest.raises(DeviceLost):  # every later run fails at once, without touching the device
         session.run(["out"], {"shape": np.array([1], dtype=np.int64)})
     assert told == ["m"]
+
+
+def test_cuda_settings_become_the_providers_options(allocating_graph):
+    """--cuda-device-id, --cuda-memory-limit-mb and --cuda-arena-extend-strategy as ONNX Runtime's CUDA options
+    (their documented names); the CPU provider gets none. On this machine's CPU run the session says so."""
+    from server.config import load_settings
+    from server.runtime import CPU, CUDA, TENSORRT, CudaOptions
+
+    s = load_settings(["--models", "m", "--cuda-device-id", "1", "--cuda-memory-limit-mb", "512"], {})
+    cuda = CudaOptions(s.cuda_device_id, s.cuda_memory_limit_mb, s.cuda_arena_extend_strategy.value)
+    assert cuda.provider_options(CUDA) == {
+        "device_id": "1", "arena_extend_strategy": "kSameAsRequested", "gpu_mem_limit": str(512 * 2**20)}
+    assert cuda.provider_options(TENSORRT) == {"device_id": "1"} and cuda.provider_options(CPU) == {}
+    assert "gpu_mem_limit" not in CudaOptions().provider_options(CUDA)  # 0: no limit
+    session = Session(allocating_graph, Device.CPU, cuda=cuda)
+    assert session.provider_options == [{}] and session.device == "cpu" and session.device_id == 0

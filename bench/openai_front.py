@@ -223,14 +223,13 @@ def run_aiperf(binary: Path, base_url: str, model: inprocess.ModelFiles, plan: F
 
 def bench_fronts(repository: Path, model_name: str, plan: FrontsPlan, threads: int, variant: str,
                  work: Path | None = None) -> dict[str, Any]:
+    from bench.data import BUILTIN_PROMPTS
     from bench.llm import chat_prompts
     from bench.suite import compare, median_point, single_model_repository
+    from server.generation.chat_template import ChatTemplate
     from server.process import ServerProcess
 
     work = work or Path(tempfile.mkdtemp(prefix="nlpserve-bench-openai-"))
-    from bench.data import BUILTIN_PROMPTS
-    from server.generation.chat_template import ChatTemplate
-
     model = inprocess.ModelFiles.find(repository, model_name)
     if ChatTemplate.from_folder(model.folder) is not None:
         prompts = chat_prompts(model, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -92,6 +93,21 @@ Request = TypeVar("Request", bound=EncoderRequest)
 Result = TypeVar("Result")
 
 
+@dataclass(frozen=True, slots=True)
+class TokenIds:
+    """Token ids a client sent (a request's `token_ids`), standing in for the tokenizer's Encoding: what the
+    graph reads of one. Never truncated: a row longer than the model reads is refused in `validate`."""
+
+    ids: list[int]
+    type_ids: list[int]
+    overflowing: tuple[()] = ()
+
+
+def _given_ids(request: Any) -> tuple[tuple[int, ...], ...]:
+    """The request's own token ids (classify and embed requests may carry them; token classification not)."""
+    return getattr(request, "token_ids", ())
+
+
 class EncoderModel(Generic[Request, Result]):
     """An encoder graph (input_ids, attention_mask[, token_type_ids]) -> outputs, run over length groups.
 
@@ -112,9 +128,14 @@ class EncoderModel(Generic[Request, Result]):
         pad = config.special_tokens.get("pad")
         self.pad_id = int(pad) if pad is not None else 0
         self.uses_token_types = "token_type_ids" in session.input_names
+        self.vocab_size = int(config.architecture.get("vocab_size") or self.tokenizer.get_vocab_size())
+        self.type_vocab_size = int(config.architecture.get("type_vocab_size") or 2)
 
     def validate(self, request: Request) -> None:
         """Checks what can be checked without tokenizing; raises InvalidInput naming the field."""
+        if _given_ids(request):
+            self._validate_ids(request)
+            return
         if not request.texts:
             raise InvalidInput("texts", "at least one text is required")
         if len(request.texts) > self.max_texts_per_request:
@@ -124,6 +145,25 @@ class EncoderModel(Generic[Request, Result]):
         for i, text in enumerate(request.texts):
             if not text:
                 raise InvalidInput(f"texts[{i}]", "empty text")
+
+    def _validate_ids(self, request: Any) -> None:
+        rows, types = request.token_ids, request.token_type_ids
+        if len(rows) > self.max_texts_per_request:
+            raise InvalidInput("input_ids", f"{len(rows)} rows, at most {self.max_texts_per_request} per request")
+        if types and len(types) != len(rows):
+            raise InvalidInput("token_type_ids", f"{len(types)} rows for {len(rows)} rows of input_ids")
+        limit = self.config.max_sequence_length
+        for i, ids in enumerate(rows):
+            if not ids:
+                raise InvalidInput(f"input_ids[{i}]", "no tokens (an all-zero attention_mask?)")
+            if len(ids) > limit:
+                raise InvalidInput(f"input_ids[{i}]", f"{len(ids)} tokens, more than the model's limit of {limit}")
+            if min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise InvalidInput(f"input_ids[{i}]", f"token ids must be in 0..{self.vocab_size - 1}")
+            if types and (len(types[i]) != len(ids) or min(types[i]) < 0 or max(types[i]) >= self.type_vocab_size):
+                raise InvalidInput(
+                    f"token_type_ids[{i}]", f"{len(ids)} values in 0..{self.type_vocab_size - 1} expected"
+                )
 
     def warm_up(self, request: Any) -> None:
         """Runs the longest and the shortest inputs once: the first runs of a session allocate memory and pick
@@ -136,7 +176,19 @@ class EncoderModel(Generic[Request, Result]):
         limit = self.config.max_sequence_length * MAX_CHARS_PER_TOKEN
         texts = [t for r in requests for t in r.texts]
         cut = [len(t) > limit for t in texts]
-        encodings = self.tokenizer.encode_batch([t[:limit] for t in texts])
+        # The texts go through the tokenizer in one call; token ids a client sent stand in for encodings.
+        encodings: list[Any] = []
+        tokenize: list[int] = []
+        for request in requests:
+            given = _given_ids(request)
+            for j, ids in enumerate(given):
+                types = request.token_type_ids[j] if request.token_type_ids else (0,) * len(ids)
+                encodings.append(TokenIds(list(ids), list(types)))
+            if not given:
+                tokenize.extend(range(len(encodings), len(encodings) + len(request.texts)))
+                encodings.extend([None] * len(request.texts))
+        for i, encoding in zip(tokenize, self.tokenizer.encode_batch([texts[i][:limit] for i in tokenize])):
+            encodings[i] = encoding
         truncated = [c or bool(e.overflowing) for c, e in zip(cut, encodings)]
         results: list[list[Result] | Exception] = []
         # Which texts run: a no_truncation request with a text over the limit fails alone, before compute.

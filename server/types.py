@@ -32,6 +32,10 @@ class ClassifyRequest:
     texts: tuple[str, ...]
     return_embedding: bool = False
     no_truncation: bool = False
+    # Token ids given by the client instead of texts (the Open Inference Protocol's input_ids): one row per
+    # input, `texts` then holds as many empty placeholders; type ids per row, or none (all 0).
+    token_ids: tuple[tuple[int, ...], ...] = ()
+    token_type_ids: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def from_pb(cls, req: pb.ClassifyRequest) -> ClassifyRequest:
@@ -84,6 +88,8 @@ class EmbedRequest:
     texts: tuple[str, ...]
     no_truncation: bool = False
     dimensions: int = 0  # 0: all of them
+    token_ids: tuple[tuple[int, ...], ...] = ()  # as ClassifyRequest's
+    token_type_ids: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def from_pb(cls, req: pb.EmbedRequest) -> EmbedRequest:

@@ -72,6 +72,15 @@ class Spec:
 
 
 TEXT = Spec("text", t.BYTES, (1,))  # [N] or [N, 1]
+# Classifiers and embedders also take token ids instead of text (one of the two): the tensors of the graph,
+# [N, T], rows padded where attention_mask is 0.
+TOKEN_INPUTS = (
+    Spec("text", t.BYTES, (1,), True),
+    Spec("input_ids", "INT64", (-1,), True),
+    Spec("attention_mask", "INT64", (-1,), True),
+    Spec("token_type_ids", "INT64", (-1,), True),
+)
+TOKEN_TENSORS = ("input_ids", "attention_mask", "token_type_ids")
 # Generators: the names of Triton's TensorRT-LLM and vLLM backends (what genai-perf and their clients send).
 GENERATOR_INPUTS = (
     Spec("text_input", t.BYTES, (1,)),
@@ -99,9 +108,9 @@ def signature(d: ModelDescription) -> tuple[tuple[Spec, ...], tuple[Spec, ...]]:
         outputs = [Spec("label", t.BYTES, ()), Spec("probabilities", "FP32", (len(d.labels),))]
         if d.embedding_size:
             outputs.append(Spec("embedding", "FP32", (d.embedding_size,)))
-        return (TEXT,), tuple(outputs)
+        return TOKEN_INPUTS, tuple(outputs)
     if d.kind == EMBEDDER:
-        return (TEXT,), (Spec("embedding", "FP32", (d.embedding_size,)),)
+        return TOKEN_INPUTS, (Spec("embedding", "FP32", (d.embedding_size,)),)
     return (TEXT,), (Spec("entities", t.BYTES, ()),)  # token classifiers: a JSON array per text
 
 
@@ -155,9 +164,10 @@ def _inputs(served: ServedModel, request: pb.ModelInferRequest) -> dict[str, t.T
     tensors = t.read_inputs(request)
     known = {s.name for s in inputs}
     for name in tensors:
-        if name in ("input_ids", "attention_mask", "token_type_ids") and served.description.kind != GENERATOR:
+        if name in TOKEN_TENSORS and served.description.kind == TOKEN_CLASSIFIER:
             raise InvalidInput(
-                name, "token-id inputs are not supported: the server tokenizes; send the BYTES tensor text"
+                name, "token-id inputs are not supported by token classifiers (entities are spans of the text); "
+                "send the BYTES tensor text"
             )
         if name not in known:
             raise InvalidInput(
@@ -167,6 +177,15 @@ def _inputs(served: ServedModel, request: pb.ModelInferRequest) -> dict[str, t.T
     for spec in inputs:
         if not spec.optional and spec.name not in tensors:
             raise InvalidInput(spec.name, f"missing: model {served.name} requires it ({spec.datatype})")
+    if inputs is TOKEN_INPUTS:
+        if ("text" in tensors) == ("input_ids" in tensors):
+            raise InvalidInput(
+                "text", "send either text (BYTES) or input_ids (INT64, with attention_mask) to model "
+                f"{served.name}, not {'both' if 'text' in tensors else 'neither'}"
+            )
+        stray = [n for n in ("attention_mask", "token_type_ids") if n in tensors and "input_ids" not in tensors]
+        if stray:
+            raise InvalidInput(stray[0], "goes with input_ids")
     return tensors
 
 
@@ -202,11 +221,46 @@ def _param(request: pb.ModelInferRequest, name: str, kind: type) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class EncoderCall:
-    texts: tuple[str, ...]
+    texts: tuple[str, ...]  # with token ids: one empty placeholder per row
     outputs: tuple[str, ...]
     no_truncation: bool
     dimensions: int
     aggregation: str
+    token_ids: tuple[tuple[int, ...], ...] = ()
+    token_type_ids: tuple[tuple[int, ...], ...] = ()
+
+
+def token_rows(tensors: dict[str, t.Tensor]) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+    """input_ids [N, T] (INT64 or INT32) as N rows of ids, each keeping the positions its attention_mask marks 1
+    (any padding side; all of them without a mask); token_type_ids likewise."""
+    ids_tensor = tensors["input_ids"]
+    t.expect(ids_tensor, "INT64", "INT32")
+    if len(ids_tensor.shape) != 2:
+        raise InvalidInput("input_ids", f"shape {list(ids_tensor.shape)}, expected [N, T]")
+    shape = ids_tensor.shape
+    if shape[0] == 0:
+        raise InvalidInput("input_ids", "no rows")
+    ids = np.asarray(ids_tensor.data, dtype=np.int64).reshape(shape)
+    keep = np.ones(shape, dtype=bool)
+    if "attention_mask" in tensors:
+        mask = tensors["attention_mask"]
+        t.expect(mask, "INT64", "INT32")
+        if tuple(mask.shape) != tuple(shape):
+            raise InvalidInput("attention_mask", f"shape {list(mask.shape)}, expected that of input_ids {list(shape)}")
+        values = np.asarray(mask.data, dtype=np.int64).reshape(shape)
+        if not np.isin(values, (0, 1)).all():
+            raise InvalidInput("attention_mask", "values must be 0 or 1")
+        keep = values == 1
+    types: tuple[tuple[int, ...], ...] = ()
+    if "token_type_ids" in tensors:
+        tt = tensors["token_type_ids"]
+        t.expect(tt, "INT64", "INT32")
+        if tuple(tt.shape) != tuple(shape):
+            raise InvalidInput("token_type_ids", f"shape {list(tt.shape)}, expected that of input_ids {list(shape)}")
+        values = np.asarray(tt.data, dtype=np.int64).reshape(shape)
+        types = tuple(tuple(int(v) for v in row[k]) for row, k in zip(values, keep))
+    rows = tuple(tuple(int(v) for v in row[k]) for row, k in zip(ids, keep))
+    return rows, types
 
 
 def encoder_call(served: ServedModel, request: pb.ModelInferRequest) -> EncoderCall:
@@ -216,12 +270,15 @@ def encoder_call(served: ServedModel, request: pb.ModelInferRequest) -> EncoderC
         raise InvalidInput(
             "parameters.aggregation", f"{shown(aggregation)}, one of none, simple, first, average, max"
         )
+    token_ids, token_type_ids = token_rows(tensors) if "input_ids" in tensors else ((), ())
     return EncoderCall(
-        texts=tuple(t.texts(tensors["text"])),
+        texts=("",) * len(token_ids) if "input_ids" in tensors else tuple(t.texts(tensors["text"])),
         outputs=_outputs(served, request),
         no_truncation=bool(_param(request, "no_truncation", bool)),
         dimensions=_param(request, "dimensions", int) or 0,
         aggregation=aggregation,
+        token_ids=token_ids,
+        token_type_ids=token_type_ids,
     )
 
 
@@ -623,10 +680,14 @@ class KServeServicer:
         with _tensor_names():
             if kind == CLASSIFIER:
                 wants = "embedding" in enc.outputs
-                classify = ClassifyRequest(served.name, enc.texts, wants, enc.no_truncation)
+                classify = ClassifyRequest(
+                    served.name, enc.texts, wants, enc.no_truncation, enc.token_ids, enc.token_type_ids
+                )
                 result = await self.hub.classify(served, classify, call.deadline, work)
             elif kind == EMBEDDER:
-                embed = EmbedRequest(served.name, enc.texts, enc.no_truncation, enc.dimensions)
+                embed = EmbedRequest(
+                    served.name, enc.texts, enc.no_truncation, enc.dimensions, enc.token_ids, enc.token_type_ids
+                )
                 result = await self.hub.embed(served, embed, call.deadline, work)
             else:
                 tokens = TokenClassifyRequest(served.name, enc.texts, enc.aggregation, enc.no_truncation)

@@ -57,6 +57,23 @@ def text_request(model: str, texts: list[str], shape: list[int], raw: bool, **kw
     )
 
 
+TOKEN_INPUTS = {"text": ("BYTES", [-1, 1]), "input_ids": ("INT64", [-1, -1]), "attention_mask": ("INT64", [-1, -1]), "token_type_ids": ("INT64", [-1, -1])}
+
+
+def ids_request(model: str, ids: list[list[int]], mask: list[list[int]] | None, text: bool = False,
+                **kw) -> pb.ModelInferRequest:
+    """input_ids [N, T] (and attention_mask) as raw INT64 tensors; `text` adds a text tensor too."""
+    inputs = [Input(name="input_ids", datatype="INT64", shape=[len(ids), len(ids[0])])]
+    raw = [np.array(ids, "<i8").tobytes()]
+    if mask is not None:
+        inputs.append(Input(name="attention_mask", datatype="INT64", shape=[len(mask), len(mask[0])]))
+        raw.append(np.array(mask, "<i8").tobytes())
+    if text:
+        inputs.append(Input(name="text", datatype="BYTES", shape=[1]))
+        raw.append(raw_bytes([b"hello"]))
+    return pb.ModelInferRequest(model_name=model, inputs=inputs, raw_input_contents=raw, **kw)
+
+
 def outputs(response: pb.ModelInferResponse) -> dict[str, tuple[str, list[int], object]]:
     """name -> (datatype, shape, data: numpy array or list of bytes), read from raw_output_contents."""
     assert len(response.raw_output_contents) == len(response.outputs)  # Triton's form: every output raw
@@ -126,13 +143,14 @@ def test_model_metadata_per_kind(oip):
     assert (
         meta.name == "sentiment" and list(meta.versions) == ["1"] and meta.platform == "nlpserve_classifier"
     )
-    assert tensors(meta.inputs) == {"text": ("BYTES", [-1, 1])}
+    # text, or token ids instead (the graph's tensors)
+    assert tensors(meta.inputs) == TOKEN_INPUTS
     outs = tensors(meta.outputs)
     assert outs["label"] == ("BYTES", [-1]) and outs["probabilities"] == ("FP32", [-1, 2])
     assert outs["embedding"][0] == "FP32" and outs["embedding"][1][0] == -1
 
     meta = oip.ModelMetadata(pb.ModelMetadataRequest(name="minilm-embed"), timeout=TIMEOUT)
-    assert tensors(meta.inputs) == {"text": ("BYTES", [-1, 1])}
+    assert tensors(meta.inputs) == TOKEN_INPUTS
     assert list(tensors(meta.outputs)) == ["embedding"]
 
     meta = oip.ModelMetadata(pb.ModelMetadataRequest(name="docgpt"), timeout=TIMEOUT)
@@ -150,7 +168,10 @@ def test_model_config(oip, stub):
     info = stub.GetModel(nl.GetModelRequest(name="sentiment"), timeout=TIMEOUT)
     assert config.name == "sentiment" and config.backend == "nlpserve"
     assert config.max_batch_size == info.limits.max_texts_per_request > 0
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("text", pb.TYPE_STRING, [1])]
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input] == [
+        ("text", pb.TYPE_STRING, [1], True), ("input_ids", pb.TYPE_INT64, [-1], True),
+        ("attention_mask", pb.TYPE_INT64, [-1], True), ("token_type_ids", pb.TYPE_INT64, [-1], True),
+    ]  # text or token ids
     assert {o.name for o in config.output} == {"label", "probabilities", "embedding"}
     assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
     assert list(config.dynamic_batching.preferred_batch_size) == [info.batching.max_batch_size]
@@ -229,6 +250,30 @@ def test_embed_agrees_with_nlpserve(oip, stub, raw):
     request = text_request("minilm-embed", TEXTS[:1], [1], raw)
     request.parameters["dimensions"].int64_param = 8
     assert outputs(oip.ModelInfer(request, timeout=TIMEOUT))["embedding"][1] == [1, 8]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_ids_instead_of_text_give_the_same_results(oip, stub, models, side):
+    """input_ids + attention_mask, padded on either side, as the model's own tokenizer gives them: the same
+    probabilities as the texts (classifier) and the same vectors (embedder); token_type_ids accepted."""
+    from tokenizers import Tokenizer
+
+    for model, output in (("sentiment", "probabilities"), ("minilm-embed", "embedding")):
+        tokenizer = Tokenizer.from_file(str(next((models / model).glob("*/tokenizer.json"))))
+        tokenizer.no_padding()
+        rows = [e.ids for e in tokenizer.encode_batch(TEXTS)]
+        width = max(map(len, rows))
+        pad = [[0] * (width - len(r)) for r in rows]
+        ids = [r + p if side == "right" else p + r for r, p in zip(rows, pad)]
+        mask = [[1] * len(r) + [0] * len(p) if side == "right" else [0] * len(p) + [1] * len(r)
+                for r, p in zip(rows, pad)]
+        request = ids_request(model, ids, mask)
+        request.inputs.append(Input(name="token_type_ids", datatype="INT64", shape=[len(ids), width]))
+        request.raw_input_contents.append(np.zeros((len(ids), width), "<i8").tobytes())
+        by_ids = outputs(oip.ModelInfer(request, timeout=TIMEOUT))[output]
+        by_text = outputs(oip.ModelInfer(text_request(model, TEXTS, [len(TEXTS)], True), timeout=TIMEOUT))[output]
+        assert by_ids[:2] == by_text[:2]
+        np.testing.assert_allclose(by_ids[2], by_text[2], atol=1e-5)
 
 
 def test_both_fronts_share_the_batcher(oip, stub, srv):
@@ -441,7 +486,7 @@ def test_errors_name_the_tensor(oip):
             "text: 2 elements in contents.bytes_contents",
         ),
         (text_request("sentiment", ["a", "b"], [3], raw=True), "text: 2 BYTES elements in raw data"),
-        (pb.ModelInferRequest(model_name="sentiment"), "text: missing"),
+        (pb.ModelInferRequest(model_name="sentiment"), "text: send either text (BYTES) or input_ids"),
         (text_request("sentiment", ["a", ""], [2], raw=True), "text[1]: empty text"),
         (
             text_request("sentiment", ["a"], [1], raw=True, outputs=[Output(name="logits")]),
@@ -474,13 +519,20 @@ def test_errors_name_the_tensor(oip):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(
         "raw_input_contents: 2 entries for 1 inputs"
     )
-    ids = pb.ModelInferRequest(model_name="sentiment", inputs=[
-        Input(name="input_ids", datatype="INT64", shape=[1, 3]), Input(name="attention_mask", datatype="INT64", shape=[1, 3]),
-    ], raw_input_contents=[np.array([[101, 7, 102]], "<i8").tobytes(), np.ones((1, 3), "<i8").tobytes()])  # fmt: skip
-    code, details = infer_error(oip, ids)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(
-        "input_ids: token-id inputs are not supported"
-    )
+    for request, message in [
+        (ids_request("sentiment", [[1, 7, 2]], [[1, 1, 0, 1]]), "attention_mask: shape [1, 4], expected that of"),
+        (ids_request("sentiment", [[1, 7, 2]], [[1, 2, 1]]), "attention_mask: values must be 0 or 1"),
+        (ids_request("sentiment", [[1, 7, 2]], [[0, 0, 0]]), "input_ids[0]: no tokens"),
+        (ids_request("sentiment", [[1, 10**9, 2]], None), "input_ids[0]: token ids must be in 0.."),
+        (ids_request("sentiment", [[1] * 100_000], None), "input_ids[0]: 100000 tokens, more than the model's"),
+        (ids_request("minilm-embed", [[1, 2]], None, text=True), "text: send either text (BYTES) or input_ids"),
+    ]:
+        code, details = infer_error(oip, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(message), (message, details)
+    flat = pb.ModelInferRequest(model_name="sentiment", inputs=[Input(name="input_ids", datatype="INT64", shape=[3])],
+                                raw_input_contents=[np.array([1, 7, 2], "<i8").tobytes()])  # fmt: skip
+    code, details = infer_error(oip, flat)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("input_ids: shape [3], expected [N, T]")
     bad_utf8 = text_request("sentiment", ["a"], [1], raw=True)
     bad_utf8.raw_input_contents[0] = raw_bytes([b"\xff\xfe"])
     code, details = infer_error(oip, bad_utf8)

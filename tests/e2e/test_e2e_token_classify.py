@@ -197,6 +197,26 @@ def test_other_kinds_are_refused_by_name(stub):
     assert exc.value.details() == f"model: '{NAME}' is a token classifier, not an embedder"
 
 
+def test_the_open_inference_protocol_refuses_token_ids_for_entities(srv):
+    """Entities are spans of the text: a token classifier takes `text` only, and says so for input_ids."""
+    import numpy as np
+
+    from server.servicers.oip import grpc_service_pb2 as oip
+    from server.servicers.oip import grpc_service_pb2_grpc as oip_grpc
+
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        request = oip.ModelInferRequest(
+            model_name=NAME,
+            inputs=[oip.ModelInferRequest.InferInputTensor(name="input_ids", datatype="INT64", shape=[1, 2])],
+            raw_input_contents=[np.array([[1, 2]], "<i8").tobytes()],
+        )
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ModelInfer(request, timeout=30)
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith("input_ids: token-id inputs are not supported by token classifiers")
+
+
 def test_the_client_library_and_cli(srv, pipelines, capsys):
     text = TEXTS[0]
     with Client(srv.target, timeout=30) as c:

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import Descriptor
 
+from bench.triton import LIBB64_DIR, TRITONCLIENT_VENV, perf_analyzer_env
 from client.proto import inference_pb2 as nl
 from server.servicers.oip import grpc_service_pb2 as pb
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV = ROOT / ".cache" / "tritonclient-venv"
-LIBB64_DIR = ROOT / ".cache" / "tools" / "root" / "usr" / "lib" / "x86_64-linux-gnu"
+VENV = TRITONCLIENT_VENV
 TEXTS = ["I loved this movie", "What a waste of time.", "fine", "Café 東京 🙂"]
 TIMEOUT = 180  # seconds for any one script or perf_analyzer run
 
@@ -32,21 +30,11 @@ def venv() -> Path:
     return VENV
 
 
-def _env(venv: Path) -> dict[str, str]:
-    """The environment of the venv's programs: none of the project's Python, perf_analyzer's libraries."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    (cudart,) = venv.glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib")
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        [str(LIBB64_DIR), str(cudart), *filter(None, [os.environ.get("LD_LIBRARY_PATH")])]
-    )
-    return env
-
-
 def run_script(venv: Path, script: str, *args: str) -> dict:
     """Runs a Python script in the tritonclient venv; returns the JSON it prints last."""
     result = subprocess.run(
         [str(venv / "bin" / "python"), "-c", script, *args],
-        capture_output=True, text=True, timeout=TIMEOUT, env=_env(venv), cwd=venv, check=False,
+        capture_output=True, text=True, timeout=TIMEOUT, env=perf_analyzer_env(), cwd=venv, check=False,
     )  # fmt: skip
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -57,7 +45,7 @@ def perf_analyzer(venv: Path, tmp_path: Path, *args: str) -> list[dict[str, str]
     report = tmp_path / "report.csv"
     result = subprocess.run(
         [str(venv / "bin" / "perf_analyzer"), "-i", "grpc", "-f", str(report), *args],
-        capture_output=True, text=True, timeout=TIMEOUT, env=_env(venv), cwd=tmp_path, check=False,
+        capture_output=True, text=True, timeout=TIMEOUT, env=perf_analyzer_env(), cwd=tmp_path, check=False,
     )  # fmt: skip
     assert result.returncode == 0, (
         f"perf_analyzer exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
@@ -90,7 +78,8 @@ def test_health_metadata_and_config(venv, srv):
     assert out["live"] and out["ready"] and all(out["models_ready"].values())
     assert "statistics" in out["server"]["extensions"]
     sentiment = out["metadata"]["sentiment"]
-    assert sentiment["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1", "1"]}]
+    assert sentiment["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": ["-1", "1"]}
+    assert [i["name"] for i in sentiment["inputs"][1:]] == ["input_ids", "attention_mask", "token_type_ids"]
     assert {o["name"] for o in sentiment["outputs"]} == {"label", "probabilities", "embedding"}
     assert out["metadata"]["docgpt"]["outputs"] == [
         {"name": "text_output", "datatype": "BYTES", "shape": ["-1", "1"]}

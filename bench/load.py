@@ -326,12 +326,13 @@ class _Stream:
     server_ttft: float | None = None  # the server's own figure, from the last message's timings
 
 
-def generate_request(model: str, prompt: str, max_new_tokens: int) -> pb.GenerateRequest:
-    """Greedy decoding of exactly what is asked (greedy: the same work for every run)."""
+def generate_request(model: str, prompt: str, max_new_tokens: int, **sampling: Any) -> pb.GenerateRequest:
+    """Greedy decoding of exactly what is asked (greedy: the same work for every run), or with `sampling`
+    (temperature, top_k, top_p, seed: GenerationParameters' fields)."""
     return pb.GenerateRequest(
         model=model,
         prompt=prompt,
-        parameters=pb.GenerationParameters(max_new_tokens=max_new_tokens, temperature=0.0),
+        parameters=pb.GenerationParameters(max_new_tokens=max_new_tokens, **{"temperature": 0.0, **sampling}),
     )
 
 

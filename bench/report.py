@@ -182,7 +182,8 @@ def _generation_md(name: str, g: dict[str, Any]) -> list[str]:
                              p["max_new_tokens"]])
             else:
                 rows.append([streams, {"continuous": "server, continuous batching",
-                                       "single": "server, max_active_sequences=1"}[label],
+                                       "single": "server, max_active_sequences=1",
+                                       "sampled": "server, continuous batching, sampled"}[label],
                              p["tokens_per_s"], p["ttft_ms"]["p50"], p["ttft_ms"]["p99"],
                              p.get("server_ttft_ms", {}).get("p50"), p["itl_ms"]["p50"], p["itl_ms"]["p99"],
                              p["per_stream_tokens_per_s"], p["mean_batch_size"], p.get("mean_generated_tokens")])

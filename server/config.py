@@ -275,14 +275,11 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         value = getattr(s, name)
         if value is not None and value < 1:
             problems.append(f"{_flag(name)} must be at least 1")
-    if s.cuda_device_id < 0:
-        problems.append("--cuda-device-id must be 0 or more")
-    if s.cuda_memory_limit_mb < 0:
-        problems.append("--cuda-memory-limit-mb must be 0 or more")
-    if s.stream_interval < 1:
-        problems.append("--stream-interval must be at least 1")
-    if s.prefill_chunk_tokens < 0:
-        problems.append("--prefill-chunk-tokens must be 0 or more")
+    for name, least in (
+        ("cuda_device_id", 0), ("cuda_memory_limit_mb", 0), ("stream_interval", 1), ("prefill_chunk_tokens", 0)
+    ):
+        if getattr(s, name) < least:
+            problems.append(f"{_flag(name)} must be {'0 or more' if least == 0 else f'at least {least}'}")
     if s.max_queue_delay_ms is not None and not s.max_queue_delay_ms >= 0:
         problems.append("--max-queue-delay-ms must be 0 or more")
     if s.intra_op_threads < 0:

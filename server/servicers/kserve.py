@@ -241,24 +241,25 @@ def token_rows(tensors: dict[str, t.Tensor]) -> tuple[tuple[tuple[int, ...], ...
     if shape[0] == 0:
         raise InvalidInput("input_ids", "no rows")
     ids = np.asarray(ids_tensor.data, dtype=np.int64).reshape(shape)
-    keep = np.ones(shape, dtype=bool)
-    if "attention_mask" in tensors:
-        mask = tensors["attention_mask"]
-        t.expect(mask, "INT64", "INT32")
-        if tuple(mask.shape) != tuple(shape):
-            raise InvalidInput("attention_mask", f"shape {list(mask.shape)}, expected that of input_ids {list(shape)}")
-        values = np.asarray(mask.data, dtype=np.int64).reshape(shape)
-        if not np.isin(values, (0, 1)).all():
-            raise InvalidInput("attention_mask", "values must be 0 or 1")
-        keep = values == 1
+
+    def like_ids(name: str) -> np.ndarray | None:
+        """The tensor `name` (INT64 or INT32, the shape of input_ids) as an array; None when not sent."""
+        if name not in tensors:
+            return None
+        tensor = tensors[name]
+        t.expect(tensor, "INT64", "INT32")
+        if tuple(tensor.shape) != tuple(shape):
+            raise InvalidInput(name, f"shape {list(tensor.shape)}, expected that of input_ids {list(shape)}")
+        return np.asarray(tensor.data, dtype=np.int64).reshape(shape)
+
+    mask = like_ids("attention_mask")
+    if mask is not None and not np.isin(mask, (0, 1)).all():
+        raise InvalidInput("attention_mask", "values must be 0 or 1")
+    keep = np.ones(shape, dtype=bool) if mask is None else mask == 1
+    type_ids = like_ids("token_type_ids")
     types: tuple[tuple[int, ...], ...] = ()
-    if "token_type_ids" in tensors:
-        tt = tensors["token_type_ids"]
-        t.expect(tt, "INT64", "INT32")
-        if tuple(tt.shape) != tuple(shape):
-            raise InvalidInput("token_type_ids", f"shape {list(tt.shape)}, expected that of input_ids {list(shape)}")
-        values = np.asarray(tt.data, dtype=np.int64).reshape(shape)
-        types = tuple(tuple(int(v) for v in row[k]) for row, k in zip(values, keep))
+    if type_ids is not None:
+        types = tuple(tuple(int(v) for v in row[k]) for row, k in zip(type_ids, keep))
     rows = tuple(tuple(int(v) for v in row[k]) for row, k in zip(ids, keep))
     return rows, types
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import inprocess, load, models, profiling
+from bench import inprocess, load, models
 from bench.machine import ROOT
 from bench.stats import latency_summary
 
@@ -271,23 +271,18 @@ def profile_server(
     runner: asyncio.Runner, srv: Any, requests: Sequence[Any], concurrency: int, seconds: float, raw: Path,
     model: str,
 ) -> dict[str, Any]:
-    """py-spy on the server for `seconds` while passes of `requests` at `concurrency` keep it busy; the summary in
-    the shape of `suite.profiled`'s (the report's profile tables)."""
+    """py-spy on the server for `seconds` while passes of `requests` at `concurrency` keep it busy (the suite's
+    `profiled`: the summary in the shape of the report's profile tables)."""
+    from bench.suite import profiled
 
-    async def record() -> dict[str, Any]:
-        recorder = profiling.start_recording(int(srv.pid), seconds, raw)
+    async def passes() -> dict[str, Any]:
+        end = clock() + seconds + 2.0  # the recording, and py-spy's time to attach
         point: dict[str, Any] = {}
-        while recorder.poll() is None:
+        while not point or clock() < end:
             point = await embed_pass(srv.target, requests, concurrency, srv.metrics_url, int(srv.pid))
-        await asyncio.to_thread(profiling.finish_recording, recorder)
         return point
 
-    try:
-        point = runner.run(record())
-    except (OSError, RuntimeError) as e:  # py-spy may be refused (no ptrace) on some machines
-        logger.warning("profiling %s failed: %s", model, e)
-        return {"model": model, "error": str(e)}
-    return {"model": model, "load": point, "concurrency": concurrency, **profiling.summarize(raw.read_text())}
+    return profiled(SimpleNamespace(run=runner.run), srv, passes(), 0.0, seconds, raw, model, concurrency)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------- the benchmark

@@ -133,23 +133,22 @@ class EncoderModel(Generic[Request, Result]):
 
     def validate(self, request: Request) -> None:
         """Checks what can be checked without tokenizing; raises InvalidInput naming the field."""
+        field, items = ("input_ids", "rows") if _given_ids(request) else ("texts", "texts")  # a placeholder per row
+        if not request.texts:
+            raise InvalidInput(field, "at least one text is required")
+        if len(request.texts) > self.max_texts_per_request:
+            raise InvalidInput(
+                field, f"{len(request.texts)} {items}, at most {self.max_texts_per_request} per request"
+            )
         if _given_ids(request):
             self._validate_ids(request)
             return
-        if not request.texts:
-            raise InvalidInput("texts", "at least one text is required")
-        if len(request.texts) > self.max_texts_per_request:
-            raise InvalidInput(
-                "texts", f"{len(request.texts)} texts, at most {self.max_texts_per_request} per request"
-            )
         for i, text in enumerate(request.texts):
             if not text:
                 raise InvalidInput(f"texts[{i}]", "empty text")
 
     def _validate_ids(self, request: Any) -> None:
         rows, types = request.token_ids, request.token_type_ids
-        if len(rows) > self.max_texts_per_request:
-            raise InvalidInput("input_ids", f"{len(rows)} rows, at most {self.max_texts_per_request} per request")
         if types and len(types) != len(rows):
             raise InvalidInput("token_type_ids", f"{len(types)} rows for {len(rows)} rows of input_ids")
         limit = self.config.max_sequence_length

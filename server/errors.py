@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 SHOWN_CHARACTERS = 64
 
 
@@ -15,6 +18,28 @@ def shown(text: str, limit: int = SHOWN_CHARACTERS) -> str:
     if len(text) <= limit and len(quoted) == len(repr(text)):
         return quoted
     return f"{quoted}... ({len(text)} characters)"
+
+
+def shown_number(value: float) -> str:
+    """A number from the request for a message: JSON allows integers of thousands of digits, a message shows at
+    most 40 characters of one."""
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_json(text: str | bytes, field: str) -> Any:
+    """Parses JSON from a client; anything it cannot take (bad syntax or UTF-8, NaN or Infinity, nesting too deep
+    for the parser) is InvalidInput naming `field`."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(field, f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:  # invalid UTF-8, NaN, nesting too deep
+        raise InvalidInput(field, f"not valid JSON ({type(exc).__name__})") from None
 
 
 class ServeError(Exception):

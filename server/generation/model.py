@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, shown_number
 from ..repository import ModelConfig
 from ..runtime import Session
 from ..types import GenerateRequest, SamplingParams
@@ -145,9 +145,14 @@ class GeneratorModel:
         return self._forward(input_ids, positions, past, mask)
 
     def decode(
-        self, tokens: Sequence[int], positions: Sequence[int], cache: KVCache
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        cache: KVCache,
+        writing: Mapping[int, int] | None = None,
     ) -> tuple[np.ndarray, KVCache]:
-        """One step for every sequence of the batch: feeds each its last token at its position."""
+        """One step for every sequence of the batch: feeds each its last token at its position. (`writing`: the
+        slot cache's prompts being written; this cache has no slots.)"""
         input_ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         pos = np.asarray(positions, dtype=np.int64).reshape(-1, 1)
         return self._forward(input_ids, pos, cache, np.ones_like(input_ids))
@@ -277,14 +282,15 @@ def check_params(p: SamplingParams, max_new_tokens_limit: int) -> None:
     """Raises InvalidInput naming the first bad field of `p`."""
     if p.max_new_tokens is not None and not 1 <= p.max_new_tokens <= max_new_tokens_limit:
         raise InvalidInput(
-            "parameters.max_new_tokens", f"{p.max_new_tokens}, must be in 1..{max_new_tokens_limit}"
+            "parameters.max_new_tokens",
+            f"{shown_number(p.max_new_tokens)}, must be in 1..{max_new_tokens_limit}",
         )
     if math.isnan(p.temperature) or math.isinf(p.temperature) or p.temperature < 0:
         raise InvalidInput(
             "parameters.temperature", f"{p.temperature}, must be a finite number, 0 (greedy) or more"
         )
     if p.top_k < 0:
-        raise InvalidInput("parameters.top_k", f"{p.top_k}, must be 0 (off) or more")
+        raise InvalidInput("parameters.top_k", f"{shown_number(p.top_k)}, must be 0 (off) or more")
     if math.isnan(p.top_p) or not 0.0 < p.top_p <= 1.0:
         raise InvalidInput("parameters.top_p", f"{p.top_p}, must be in (0, 1]")
     if math.isnan(p.repetition_penalty) or math.isinf(p.repetition_penalty) or p.repetition_penalty <= 0:

@@ -371,18 +371,20 @@ class GenerationScheduler:
     def _leave(self, events: list[tuple[Sink, Event]]) -> None:
         """Drops cancelled and expired sequences from the running batch (at a step boundary)."""
         now = time.monotonic()
+
+        def expire(seq: _Sequence, during: str) -> None:
+            if seq.deadline is not None and now >= seq.deadline and not seq.cancelled:
+                events.append((seq.sink, DeadlineExceeded(f"the deadline passed during {during}")))
+                seq.cancelled = True
+
         keep = []
         for row, seq in enumerate(self._active):
-            if seq.deadline is not None and now >= seq.deadline and not seq.cancelled:
-                events.append((seq.sink, DeadlineExceeded("the deadline passed during generation")))
-                seq.cancelled = True
+            expire(seq, "generation")
             if not seq.cancelled:
                 keep.append(row)
         writing = []
         for seq in self._prefilling:
-            if seq.deadline is not None and now >= seq.deadline and not seq.cancelled:
-                events.append((seq.sink, DeadlineExceeded("the deadline passed during the prompt's prefill")))
-                seq.cancelled = True
+            expire(seq, "the prompt's prefill")
             if seq.cancelled:
                 self.model.pool.release([seq.slot])
             else:
@@ -481,9 +483,9 @@ class GenerationScheduler:
         start = time.monotonic()
         active = self._active
         # Slots whose prompts are being written (chunked prefill) keep what they hold through the step.
-        writing = {"writing": {s.slot: s.prefilled for s in self._prefilling}} if self._prefilling else {}
+        writing = {s.slot: s.prefilled for s in self._prefilling}
         logits, cache = self.model.decode(
-            [s.last_id for s in active], [s.position for s in active], self._cache, **writing
+            [s.last_id for s in active], [s.position for s in active], self._cache, writing
         )
         for seq in active:
             seq.position += 1
@@ -540,7 +542,9 @@ class GenerationScheduler:
                 continue  # the client is gone: nothing to send, and the row leaves now
             generated += 1
             text = seq.pending_text + text
-            held = finish is None and seq.generated > 1 and len(seq.pending_ids) < self.stream_interval
+            # Held back only once something went out: the first text is never late.
+            sent = seq.generated > len(seq.pending_ids)
+            held = finish is None and sent and len(seq.pending_ids) < self.stream_interval
             if held:
                 seq.pending_text = text
             elif finish is not None or text:

@@ -10,6 +10,7 @@ The tensor contract of each model kind is `signature()`; docs/server.md lists it
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import re
@@ -22,7 +23,7 @@ import grpc
 import numpy as np
 
 from ..batching import WorkTimes
-from ..errors import InvalidInput, ModelNotFound, shown
+from ..errors import InvalidInput, ModelNotFound, loads_json, shown, shown_number
 from ..metrics import Metrics
 from ..models import ModelHub, ServedModel
 from ..repository import CLASSIFIER, EMBEDDER, GENERATOR, TOKEN_CLASSIFIER
@@ -50,6 +51,7 @@ FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
 
 
+@functools.cache
 def _server_version() -> str:
     try:
         return importlib.metadata.version("nlpserve")
@@ -259,8 +261,8 @@ def token_rows(tensors: dict[str, t.Tensor]) -> tuple[tuple[tuple[int, ...], ...
     type_ids = like_ids("token_type_ids")
     types: tuple[tuple[int, ...], ...] = ()
     if type_ids is not None:
-        types = tuple(tuple(int(v) for v in row[k]) for row, k in zip(type_ids, keep))
-    rows = tuple(tuple(int(v) for v in row[k]) for row, k in zip(ids, keep))
+        types = tuple(tuple(row[k].tolist()) for row, k in zip(type_ids, keep))
+    rows = tuple(tuple(row[k].tolist()) for row, k in zip(ids, keep))
     return rows, types
 
 
@@ -336,7 +338,7 @@ def generation_call(served: ServedModel, request: pb.ModelInferRequest) -> Gener
             put(setting, f"parameters.{name}", [value] if kind is list else value)
     value = {k: v for k, (_, v) in settings.items()}
     if value.get("seed", 0) < 0:  # nlpserve.v1's seed is a uint64; numpy refuses negative seeds
-        raise InvalidInput(settings["seed"][0], f"{value['seed']}, must be 0 or more")
+        raise InvalidInput(settings["seed"][0], f"{shown_number(value['seed'])}, must be 0 or more")
     params = SamplingParams(
         max_new_tokens=value.get("max_tokens"),
         temperature=value.get("temperature", 0.0),
@@ -356,10 +358,7 @@ def generation_call(served: ServedModel, request: pb.ModelInferRequest) -> Gener
 def _sampling_parameters(tensor: t.Tensor) -> dict[str, Any]:
     """vLLM's sampling_parameters: one JSON object (values as numbers or as strings of numbers)."""
     (text,) = t.strings(tensor) if len(tensor) == 1 else (None,)
-    try:
-        parsed = json.loads(text) if text is not None else None
-    except ValueError as exc:
-        raise InvalidInput("sampling_parameters", f"not valid JSON: {exc}") from None
+    parsed = loads_json(text, "sampling_parameters") if text is not None else None
     if not isinstance(parsed, dict):
         raise InvalidInput("sampling_parameters", "expected one JSON object")
     values: dict[str, Any] = {}
@@ -377,7 +376,7 @@ def _sampling_parameters(tensor: t.Tensor) -> dict[str, Any]:
                 raise ValueError
             else:
                 value = kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int() of 1e400
             raise InvalidInput(
                 f"sampling_parameters.{key}", f"{shown(str(value))}, expected a {kind.__name__}"
             ) from None

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import InvalidInput, ServeError, shown
+from ..errors import InvalidInput, ServeError, loads_json, shown, shown_number
 from ..metrics import Metrics
 from ..models import ModelHub, ServedModel
 from ..repository import CLASSIFIER, EMBEDDER, GENERATOR
@@ -49,7 +49,7 @@ from ..types import (
     ModelDescription,
     SamplingParams,
 )
-from .status import Gate, status_of
+from .status import Call, Gate, _finish, _log_unexpected, status_of
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,9 @@ def error_object(message: str, kind: str, param: str | None = None, code: str | 
 
 
 @dataclasses.dataclass
-class _Call:
-    """What one request learns as it runs: its metric labels, and how its body named `max_tokens`."""
+class _Call(Call):
+    """What one request learns as it runs (an RPC's `Call`), and how its body named `max_tokens`."""
 
-    method: str
-    model: str = ""
     max_tokens_name: str = "max_tokens"
 
 
@@ -142,8 +140,7 @@ def _failure(exc: BaseException, call: _Call) -> tuple[grpc.StatusCode, int, dic
         body = error_object(str(exc), "invalid_request_error", code="request_too_large")
         return grpc.StatusCode.RESOURCE_EXHAUSTED, 413, body
     code, message = status_of(exc)
-    if not isinstance(exc, ServeError):
-        log.error("%s (model %r) failed", call.method, call.model, exc_info=exc)
+    _log_unexpected(call, exc)
     status, kind, error_code = _HTTP_OF.get(code, (500, "server_error", None))
     param = None
     if isinstance(exc, InvalidInput):
@@ -153,22 +150,7 @@ def _failure(exc: BaseException, call: _Call) -> tuple[grpc.StatusCode, int, dic
     return code, status, error_object(message, kind, param, error_code)
 
 
-def _count(metrics: Metrics, call: _Call, code: grpc.StatusCode, started: float) -> None:
-    metrics.requests.labels(call.model, call.method, code.name).inc()
-    metrics.request_duration.labels(call.model, call.method, code.name).observe(time.monotonic() - started)
-
-
 # -- the request body ---------------------------------------------------------------------------------------
-
-
-def _number(value: int) -> str:
-    """An integer from the request for a message: JSON allows thousands of digits, a message shows at most 40."""
-    text = str(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 class Body:
@@ -194,11 +176,19 @@ class Body:
         return self.get(name, str, "a string")
 
     def integer(self, name: str) -> int | None:
-        return self.get(name, int, "an integer")
+        """An integer field; JSON allows thousands of digits: one past 64 bits is refused here, shortened in the
+        message, for every field at once."""
+        value = self.get(name, int, "an integer")
+        if value is not None and not -(2**63) <= value < 2**64:
+            raise InvalidInput(name, f"{shown_number(value)}, out of range")
+        return value
 
     def number(self, name: str) -> float | None:
         value = self.get(name, (int, float), "a number")
-        return None if value is None else float(value)
+        try:
+            return None if value is None else float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise InvalidInput(name, f"{shown_number(value)}, out of range") from None
 
     def flag(self, name: str) -> bool:
         return bool(self.get(name, bool, "true or false"))
@@ -238,7 +228,7 @@ def _sampling(body: Body, call: _Call, logprobs: bool) -> SamplingParams:
         max_tokens = body.integer("max_tokens")
     seed = body.integer("seed")
     if seed is not None and not 0 <= seed < 2**64:
-        raise InvalidInput("seed", f"{_number(seed)}, must be in 0..2**64-1")
+        raise InvalidInput("seed", f"{shown_number(seed)}, must be in 0..2**64-1")
     temperature = body.number("temperature")
     top_p = body.number("top_p")
     repetition_penalty = body.number("repetition_penalty")
@@ -421,7 +411,7 @@ class OpenAIFront:
         logprobs = body.integer("logprobs")
         if logprobs is not None and logprobs != 0:
             raise InvalidInput(
-                "logprobs", f"{_number(logprobs)}: only 0 (the chosen token's logprob, no alternatives)"
+                "logprobs", f"{shown_number(logprobs)}: only 0 (the chosen token's logprob, no alternatives)"
             )
         prompt = _prompt(body)
         request = GenerateRequest(served.name, prompt, _sampling(body, call, logprobs is not None))
@@ -479,7 +469,7 @@ class OpenAIFront:
         top = body.integer("top_logprobs")
         if top is not None and top != 0:
             raise InvalidInput(
-                "top_logprobs", f"{_number(top)}: only 0 (the chosen token's logprob, no alternatives)"
+                "top_logprobs", f"{shown_number(top)}: only 0 (the chosen token's logprob, no alternatives)"
             )
         request = GenerateRequest(served.name, "", _sampling(body, call, logprobs), _messages(body))
         answer = _Answer(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", served)
@@ -541,7 +531,7 @@ class OpenAIFront:
             raise InvalidInput("encoding_format", f"{shown(encoding)}: must be 'float' or 'base64'")
         dimensions = body.integer("dimensions")
         if dimensions is not None and dimensions < 1:
-            raise InvalidInput("dimensions", f"{_number(dimensions)}, must be 1 or more")
+            raise InvalidInput("dimensions", f"{shown_number(dimensions)}, must be 1 or more")
         texts = _texts(body)
         if kind == EMBEDDER:
             result = await self.hub.embed(
@@ -709,7 +699,7 @@ class _Endpoint:
         finally:
             if admitted:
                 front.gate.leave()
-            _count(front.metrics, call, code, started)
+            _finish(front.metrics, call, code, started)
 
     async def _answer(self, body: Body | None, call: _Call, scope: Scope, send: Send) -> grpc.StatusCode:
         events: AsyncIterator[dict] | None = None
@@ -778,12 +768,7 @@ class _Endpoint:
         if too_large:
             size = f"of {int(length)} bytes " if length is not None and length.isdigit() else ""
             raise RequestTooLarge(f"the request body {size}is over the limit of {limit} bytes")
-        try:
-            return json.loads(body, parse_constant=_no_constant)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput("body", f"not valid JSON ({exc.msg} at position {exc.pos})") from None
-        except (ValueError, RecursionError) as exc:  # invalid UTF-8, NaN, nesting too deep
-            raise InvalidInput("body", f"not valid JSON ({type(exc).__name__})") from None
+        return loads_json(body, "body")
 
 
 def _start(status: int, headers: list[tuple[bytes, bytes]]) -> dict:

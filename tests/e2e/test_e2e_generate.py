@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from e2e_util import sample, scrape
+from e2e_util import sample, scrape, wait_streams_ended
 from tokenizers import Tokenizer
 
 from client.proto import inference_pb2 as pb
@@ -190,9 +189,6 @@ def test_cancelled_stream_frees_its_slot(stub, srv):
     max_new = limit - 8
     labels = {"model": "docgpt"}
 
-    def ended(samples, code: str) -> float:
-        return sample(samples, "nlpserve_requests_total", model="docgpt", method="GenerateStream", code=code)
-
     # Three streams cancelled after their first message. The quick model generates a stream in a fraction of a
     # second, so one may have ended (OK, every token generated) before its cancellation reached the server,
     # more likely the more loaded the machine: the round counts how each call ended, once the server has
@@ -206,16 +202,7 @@ def test_cancelled_stream_frees_its_slot(stub, srv):
         for call in calls:
             next(call)  # generating (or, when its pieces were joined, already at its end)
             call.cancel()
-        deadline = time.monotonic() + 60
-        while True:
-            after = scrape(srv)
-            counted = {code: ended(after, code) - ended(before, code) for code in ("CANCELLED", "OK")}
-            if sum(counted.values()) == 3 and sample(after, "nlpserve_active_sequences", **labels) == 0:
-                break
-            assert time.monotonic() < deadline, (
-                f"the streams were not all counted, or kept their slots: {counted}"
-            )
-            time.sleep(0.01)
+        counted, after = wait_streams_ended(srv, before, "GenerateStream", 3)
         assert sum(counted.values()) == 3, counted  # each call ended once: cancelled, or finished first
         cancelled += counted["CANCELLED"]
         generated = sample(after, "nlpserve_generated_tokens_total", **labels) - sample(

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
-from e2e_util import sample, scrape
+from e2e_util import sample, scrape, wait_streams_ended
 
 from client.proto import inference_pb2 as nl
 from server.servicers.oip import grpc_service_pb2 as pb
@@ -100,6 +99,15 @@ def generate_request(prompt: str, max_tokens: int, request_id: str = "", **tenso
             Input(name=name, datatype=datatype, shape=[1], contents=pb.InferTensorContents(**{field: values}))
         )
     return pb.ModelInferRequest(model_name="docgpt", id=request_id, inputs=inputs)
+
+
+def vllm_request(sampling_parameters: str) -> pb.ModelInferRequest:
+    """A generation request whose settings are vLLM's `sampling_parameters` JSON."""
+    request = generate_request("def ", 8)
+    del request.inputs[1]
+    request.inputs.append(Input(name="sampling_parameters", datatype="BYTES", shape=[1],
+                                contents=pb.InferTensorContents(bytes_contents=[sampling_parameters.encode()])))
+    return request
 
 
 def error_of(call) -> tuple[grpc.StatusCode, str]:
@@ -436,23 +444,12 @@ def test_leaving_a_stream_cancels_its_generation(oip, srv):
     request is counted CANCELLED. The quick model may finish before the cancel reaches the server (then OK):
     rounds repeat until one was cancelled; each waits, without a time bound of its own beyond a generous
     deadline, until the server counted the request and holds no sequence."""
-
-    def ended(samples, code: str) -> float:
-        return sample(samples, "nlpserve_requests_total", model="docgpt", method="ModelStreamInfer", code=code)
-
     for _ in range(20):
         before = scrape(srv)
         call = oip.ModelStreamInfer(iter([generate_request("def ", 120, "long")]), timeout=TIMEOUT)
         next(call)
         call.cancel()
-        deadline = time.monotonic() + 60
-        while True:
-            after = scrape(srv)
-            counted = {code: ended(after, code) - ended(before, code) for code in ("CANCELLED", "OK")}
-            if sum(counted.values()) == 1 and sample(after, "nlpserve_active_sequences", model="docgpt") == 0:
-                break
-            assert time.monotonic() < deadline, f"not counted, or the sequence kept: {counted}"
-            time.sleep(0.01)
+        counted, _ = wait_streams_ended(srv, before, "ModelStreamInfer", 1)
         if counted["CANCELLED"]:
             return
     pytest.fail("no stream was cancelled mid-generation in 20 rounds")
@@ -502,6 +499,11 @@ def test_errors_name_the_tensor(oip):
             "min_length: not an input of model docgpt",
         ),
         (generate_request("", 8), "text_input: empty prompt"),
+        # vLLM's JSON: what Python's parser or int() cannot take is INVALID_ARGUMENT too, never INTERNAL
+        (vllm_request('{"max_tokens": 1e400}'), "sampling_parameters.max_tokens: "),
+        (vllm_request('{"top_k": -Infinity}'), "sampling_parameters: not valid JSON"),
+        (vllm_request("[" * 100_000), "sampling_parameters: not valid JSON"),
+        (vllm_request(json.dumps({"max_tokens": "9" * 4000})), "max_tokens: 99999999999999999999...(4000 digits)"),
     ]
     for request, message in cases:
         code, details = infer_error(oip, request)

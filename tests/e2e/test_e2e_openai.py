@@ -32,7 +32,7 @@ import grpc
 import numpy as np
 import openai
 import pytest
-from e2e_util import sample, scrape, start
+from e2e_util import sample, scrape, start, wait_streams_ended
 from prometheus_client import CollectorRegistry
 
 from client.proto import inference_pb2 as pb
@@ -194,6 +194,9 @@ def test_logprobs_and_stop_sequences(oai: openai.OpenAI, stub) -> None:
         ({"seed": -1}, "seed"),
         ({"seed": 10**4000}, "seed"),  # JSON allows it; the message shows 20 of its digits
         ({"extra_body": {"logprobs": -(10**4000)}}, "logprobs"),
+        ({"max_tokens": 10**4000}, "max_tokens"),  # every integer field is bounded, not only the seed
+        ({"extra_body": {"top_k": 10**4000}}, "top_k"),
+        ({"temperature": 10**400}, "temperature"),  # past float range: a 400, not a 500
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"extra_body": {"prompt": [1, 2, 3]}}, "prompt"),
         ({"model": "sentiment"}, "model"),
@@ -385,11 +388,6 @@ def test_a_client_that_disconnects_frees_its_slot(srv: ServerProcess, stub) -> N
     labels = {"model": "docgpt"}
     body = {"model": "docgpt", "prompt": "hello", "max_tokens": max_new, "temperature": 0.8, "stream": True}
 
-    def ended(samples, code: str) -> float:
-        return sample(
-            samples, "nlpserve_requests_total", method="OpenAI.CompletionsStream", code=code, **labels
-        )
-
     # As tests/e2e/test_e2e_generate.py's gRPC cancel: three streams closed after their first event; the quick
     # model may finish one before its disconnect reaches the server (OK). Rounds repeat until three were
     # cancelled mid-stream and a round generated fewer tokens than asked (the bound stops a server that never
@@ -399,14 +397,7 @@ def test_a_client_that_disconnects_frees_its_slot(srv: ServerProcess, stub) -> N
         before = scrape(srv)
         for sock in [open_stream(srv.http_port, body) for _ in range(3)]:
             sock.close()
-        deadline = time.monotonic() + 60
-        while True:
-            after = scrape(srv)
-            counted = {code: ended(after, code) - ended(before, code) for code in ("CANCELLED", "OK")}
-            if sum(counted.values()) == 3 and sample(after, "nlpserve_active_sequences", **labels) == 0:
-                break
-            assert time.monotonic() < deadline, f"not all counted, or slots kept: {counted}"
-            time.sleep(0.01)
+        counted, after = wait_streams_ended(srv, before, "OpenAI.CompletionsStream", 3)
         cancelled += counted["CANCELLED"]
         generated = sample(after, "nlpserve_generated_tokens_total", **labels) - sample(
             before, "nlpserve_generated_tokens_total", **labels

@@ -419,13 +419,14 @@ def test_triton_comparison_parts(quick_repo: Path, tmp_path: Path) -> None:
 
 def test_long_prompt_comparison_plumbing(llm_repo: Path, quick_repo: Path, tmp_path: Path) -> None:
     """The long-prompt comparison on a tiny Llama: real servers with chunked prefill and without, streams and a
-    long-prompt client at once, the comparisons, the results writer; a concatenating decoder is refused."""
+    long-prompt client at once, the comparisons, the results writer; a concatenating decoder is refused. The
+    window stays open until 2 streams completed in it (at most 60 s), so a busy machine only makes it longer."""
     from bench import load as bench_load
     from bench import long_prompt
     from bench.__main__ import write_results
 
     plan = long_prompt.LongPromptPlan(name="test", rounds=1, streams=2, max_new_tokens=4, long_tokens=48,
-                                      long_new_tokens=1, window=bench_load.Window(0.2, 1.5, 0, 1.5), chunk_tokens=(8,))
+                                      long_new_tokens=1, window=bench_load.Window(0.2, 1.5, 2, 60.0), chunk_tokens=(8,))
     result = long_prompt.bench_long_prompts(llm_repo, "tinyllama", plan, threads=1, variant="fp32", work=tmp_path)
     (entry,) = result["rounds"]
     assert set(entry) == {"chunk 8", "whole"}

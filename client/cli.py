@@ -370,6 +370,7 @@ def _model_details(m: ModelInfo) -> str:
             f"context {lim.max_sequence_length}",
             f"max_new_tokens {lim.max_new_tokens} (default {lim.default_max_new_tokens})",
             f"{b.max_active_sequences} sequences ({b.policy})",
+            f"KV cache {lim.kv_cache_tokens} tokens",
         ]
         if m.chat:
             parts.append("chat")

@@ -512,6 +512,7 @@ class ModelLimits(_Result):
         max_new_tokens: Generators: the largest `max_new_tokens` accepted.
         default_max_new_tokens: Generators: the `max_new_tokens` used when a request sets none.
         max_stop_sequences: Generators: stop sequences per request.
+        kv_cache_tokens: Generators: tokens the server's KV cache holds for all sequences together.
     """
 
     max_sequence_length: int = 0
@@ -519,6 +520,7 @@ class ModelLimits(_Result):
     max_new_tokens: int = 0
     default_max_new_tokens: int = 0
     max_stop_sequences: int = 0
+    kv_cache_tokens: int = 0
 
     @classmethod
     def from_pb(cls, msg: pb.ModelLimits) -> ModelLimits:
@@ -529,6 +531,7 @@ class ModelLimits(_Result):
             max_new_tokens=msg.max_new_tokens,
             default_max_new_tokens=msg.default_max_new_tokens,
             max_stop_sequences=msg.max_stop_sequences,
+            kv_cache_tokens=msg.kv_cache_tokens,
         )
 
 

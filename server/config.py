@@ -108,6 +108,14 @@ class Settings:
     max_active_sequences: int | None = field(
         default=None, metadata=_help("generators: sequences decoded together")
     )
+    kv_cache_tokens: int | None = field(
+        default=None,
+        metadata=_help(
+            "generators: tokens the KV cache holds, all sequences together (default: max_active_sequences "
+            "times the context). Shared-buffer decoders allocate it at start, one slot per sequence: less "
+            "than that default shortens every sequence; others bound their batch by it. Requests wait for room"
+        ),
+    )
     cuda_device_id: int = field(default=0, metadata=_help("CUDA and TensorRT: the GPU to run on"))
     cuda_memory_limit_mb: int = field(
         default=0, metadata=_help("CUDA: the most memory ONNX Runtime's arena may take, in MiB (0: no limit)")
@@ -271,7 +279,7 @@ def _check(s: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--metrics-port must be in -1..65535")
     if not -1 <= s.http_port <= 65535:
         problems.append("--http-port must be in -1..65535")
-    for name in ("max_batch_size", "max_queue_size", "max_active_sequences"):
+    for name in ("max_batch_size", "max_queue_size", "max_active_sequences", "kv_cache_tokens"):
         value = getattr(s, name)
         if value is not None and value < 1:
             problems.append(f"{_flag(name)} must be at least 1")

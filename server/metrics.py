@@ -79,6 +79,20 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.kv_cache_capacity = Gauge(
+            "nlpserve_kv_cache_capacity_tokens",
+            "Generators: tokens the KV cache holds for all sequences together (--kv-cache-tokens).",
+            ["model"],
+            registry=r,
+        )
+        self.kv_cache_reserved = Gauge(
+            "nlpserve_kv_cache_reserved_tokens",
+            "Generators: KV-cache tokens reserved by the admitted sequences (shared-buffer decoders: a whole "
+            "slot each; others: rows times the longest prompt plus max_new_tokens). A request waits while it "
+            "would take this past the capacity.",
+            ["model"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "nlpserve_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=r
         )

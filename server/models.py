@@ -121,20 +121,21 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
         served = ServedModel(description, encoder=model, batcher=batcher, session=session)
     else:
         active = int(_batching(config, settings, "max_active_sequences", 16))
-        model = make_generator(config, session, active)
+        model = make_generator(config, session, active, int(_batching(config, settings, "kv_cache_tokens", 0)))
         description = ModelDescription(
             name=config.name,
             version=version,
             kind=GENERATOR,
             provider=session.provider,
             variant=variant,
-            max_sequence_length=config.max_sequence_length,
+            max_sequence_length=model.sequence_limit,
             policy=CONTINUOUS,
             max_queue_size=queue_size,
             max_active_sequences=active,
             max_new_tokens=model.max_new_tokens,
             default_max_new_tokens=model.default_max_new_tokens,
             max_stop_sequences=MAX_STOP_SEQUENCES,
+            kv_cache_tokens=model.kv_cache_tokens,
             architecture=str(config.architecture.get("model_type", "")),
             chat=model.chat_template is not None,
         )

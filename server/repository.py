@@ -35,6 +35,7 @@ _NUMBERS = (
     ("batching.max_queue_delay_ms", 0, False),
     ("batching.max_queue_size", 1, True),
     ("batching.max_active_sequences", 1, True),
+    ("batching.kv_cache_tokens", 1, True),
     ("generation.max_new_tokens", 1, True),
     ("generation.default_max_new_tokens", 1, True),
     ("architecture.num_layers", 1, True),

@@ -337,6 +337,7 @@ class ModelDescription:
     max_new_tokens: int = 0
     default_max_new_tokens: int = 0
     max_stop_sequences: int = 0
+    kv_cache_tokens: int = 0
     architecture: str = ""
     chat: bool = False
     pooling: str = ""
@@ -354,6 +355,7 @@ class ModelDescription:
                 max_new_tokens=self.max_new_tokens,
                 default_max_new_tokens=self.default_max_new_tokens,
                 max_stop_sequences=self.max_stop_sequences,
+                kv_cache_tokens=self.kv_cache_tokens,
             ),
             batching=pb.BatchingSettings(
                 max_batch_size=self.max_batch_size,

@@ -814,6 +814,7 @@ class ModelLimits(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _builtins.int
+    KV_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
     max_sequence_length: _builtins.int
     """Tokens per text (encoders) or prompt plus generated tokens (generators)."""
     max_texts_per_request: _builtins.int
@@ -823,6 +824,12 @@ class ModelLimits(_message.Message):
     default_max_new_tokens: _builtins.int
     max_stop_sequences: _builtins.int
     """Generators: stop sequences per request."""
+    kv_cache_tokens: _builtins.int
+    """Generators: the tokens the KV cache holds for all sequences together (--kv-cache-tokens). Admission
+    waits while the next request's reservation would not fit: a whole slot of max_sequence_length tokens on
+    shared-buffer decoders; on the others, the batch reserves its rows times its longest prompt plus
+    max_new_tokens.
+    """
     def __init__(
         self,
         *,
@@ -831,10 +838,11 @@ class ModelLimits(_message.Message):
         max_new_tokens: _builtins.int = ...,
         default_max_new_tokens: _builtins.int = ...,
         max_stop_sequences: _builtins.int = ...,
+        kv_cache_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_max_new_tokens", b"default_max_new_tokens", "max_new_tokens", b"max_new_tokens", "max_sequence_length", b"max_sequence_length", "max_stop_sequences", b"max_stop_sequences", "max_texts_per_request", b"max_texts_per_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_max_new_tokens", b"default_max_new_tokens", "kv_cache_tokens", b"kv_cache_tokens", "max_new_tokens", b"max_new_tokens", "max_sequence_length", b"max_sequence_length", "max_stop_sequences", b"max_stop_sequences", "max_texts_per_request", b"max_texts_per_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from ..errors import InvalidInput, shown_number
+from ..errors import InvalidInput, StartupError, shown_number
 from ..repository import ModelConfig
 from ..runtime import Session
 from ..types import GenerateRequest, SamplingParams
@@ -44,7 +44,12 @@ class PreparedRequest:
 
 
 class GeneratorModel:
-    def __init__(self, config: ModelConfig, session: Session) -> None:
+    """`max_sequences` and `kv_cache_tokens` (0: `max_sequences` times the context) size the KV cache: see
+    `_cache_size` of each contract."""
+
+    def __init__(
+        self, config: ModelConfig, session: Session, max_sequences: int = 16, kv_cache_tokens: int = 0
+    ) -> None:
         self.config = config
         self.session = session
         self.tokenizer = Tokenizer.from_file(str(config.tokenizer_path))
@@ -55,6 +60,11 @@ class GeneratorModel:
         self.num_heads = int(arch["num_heads"])
         self.head_size = int(arch["head_size"])
         self.context_length = config.max_sequence_length
+        self.max_sequences = max_sequences
+        # The cache's capacity in tokens, and the most one sequence (prompt and generated tokens) may hold.
+        self.kv_cache_tokens, self.sequence_limit = self._cache_size(
+            kv_cache_tokens or max_sequences * self.context_length
+        )
         self.vocab_size = int(arch.get("vocab_size") or self.tokenizer.get_vocab_size())
         # Logit columns past the tokenizer's vocabulary (a model whose corpus gave fewer BPE merges than it has
         # rows) are ids that decode to nothing: never sampled, by slicing them off.
@@ -62,7 +72,7 @@ class GeneratorModel:
             self.vocab_size, int(arch.get("tokenizer_vocab_size") or self.vocab_size)
         )
         gen = config.generation
-        self.max_new_tokens = int(gen.get("max_new_tokens", self.context_length - 1))
+        self.max_new_tokens = min(int(gen.get("max_new_tokens", self.sequence_limit)), self.sequence_limit - 1)
         self.default_max_new_tokens = min(int(gen.get("default_max_new_tokens", 64)), self.max_new_tokens)
         # A model may end a sequence with any of several ids (Llama 3: <|end_of_text|>, <|eot_id|>, ...).
         eos = gen.get("eos_token_ids")
@@ -73,13 +83,35 @@ class GeneratorModel:
         # No token covers more characters than the longest vocabulary entry, so a longer text cannot fit the
         # context: it is refused before tokenizing (megabytes take seconds and hundreds of MB to tokenize).
         longest_token = max(map(len, self.tokenizer.get_vocab()), default=1)
-        self.max_prompt_chars = self.context_length * max(1, longest_token)
+        self.max_prompt_chars = self.sequence_limit * max(1, longest_token)
         self.cache_dtype = session.input_types.get("past_key_values.0.key", np.float32)
         # Graphs that take `logits_positions` (docs/model-repository.md) compute logits for the last position
         # only; older exports return them for every position, and the last is picked here.
         self.last_logits_only = "logits_positions" in session.input_names
         self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self.output_names = ["logits", *self.present_names]
+
+    def _cache_size(self, tokens: int) -> tuple[int, int]:
+        """(capacity, per-sequence limit) of a cache of `tokens` tokens. This cache grows and shrinks with the
+        batch (rows times its longest row), so its capacity is a bound on that: one sequence alone may use it
+        whole, up to the model's context, and admission keeps the batch's reservations within it
+        (`reserved_tokens`)."""
+        if tokens < 2:
+            raise StartupError(f"model {self.config.name}: a KV cache of {tokens} tokens holds no sequence")
+        return tokens, min(self.context_length, tokens)
+
+    def reserved_tokens(self, reservations: Sequence[int]) -> int:
+        """The cache the batch of sequences reserving `reservations` tokens each (prompt + max_new_tokens)
+        may come to hold: its rows, each as long as the longest (rows are padded to one length)."""
+        return len(reservations) * max(reservations, default=0)
+
+    def _too_long(self) -> str:
+        if self.sequence_limit == self.context_length:
+            return f"the model's context of {self.context_length} tokens"
+        return (
+            f"the {self.sequence_limit} tokens one sequence may hold in the KV cache of {self.kv_cache_tokens} "
+            f"(the model's context is {self.context_length})"
+        )
 
     # -- validation (on the caller's thread, before queueing) -------------------------------------------------
 
@@ -98,7 +130,7 @@ class GeneratorModel:
         if chars > self.max_prompt_chars:
             raise InvalidInput(
                 "messages" if request.messages else "prompt",
-                f"{chars} characters cannot fit the model's context of {self.context_length} tokens",
+                f"{chars} characters cannot fit {self._too_long()}",
             )
         max_new = p.max_new_tokens if p.max_new_tokens is not None else self.default_max_new_tokens
         if request.messages:
@@ -111,11 +143,11 @@ class GeneratorModel:
         field = "messages" if request.messages else "prompt"
         if not prompt_ids:
             raise InvalidInput(field, "the prompt has no tokens")
-        if len(prompt_ids) + max_new > self.context_length:
+        if len(prompt_ids) + max_new > self.sequence_limit:
             raise InvalidInput(
                 field,
                 f"{len(prompt_ids)} prompt tokens + max_new_tokens {max_new} = "
-                f"{len(prompt_ids) + max_new}, more than the model's context of {self.context_length} tokens",
+                f"{len(prompt_ids) + max_new}, more than {self._too_long()}",
             )
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         return PreparedRequest(request, prompt_ids, max_new, seed)
@@ -180,14 +212,14 @@ class SharedBufferGenerator(GeneratorModel):
     The graph takes `input_ids` and `attention_mask` only (no position ids: the op rotates by each row's length,
     which it reads from the mask); a row's tokens sit at positions 0..length-1 of its slot ("right padding")."""
 
-    def __init__(self, config: ModelConfig, session: Session, slots: int) -> None:
-        super().__init__(config, session)
+    def __init__(self, config: ModelConfig, session: Session, slots: int, kv_cache_tokens: int = 0) -> None:
+        super().__init__(config, session, slots, kv_cache_tokens)
         self.num_kv_heads = int(self.config.architecture.get("num_kv_heads") or self.num_heads)
         self.pool = SlotPool(
             self.num_layers,
             slots,
             self.num_kv_heads,
-            self.context_length,
+            self.sequence_limit,
             self.head_size,
             self.cache_dtype,
             session.device,
@@ -200,6 +232,21 @@ class SharedBufferGenerator(GeneratorModel):
         ]
         self._element = self.pool.dtype.type
         self._decode_binding: tuple[int, ort.IOBinding] | None = None
+
+    def _cache_size(self, tokens: int) -> tuple[int, int]:
+        """Allocated whole at start: `max_sequences` slots of one length, the context or less when `tokens` is
+        less than the slots times the context (shorter sequences; to keep the context, fewer slots)."""
+        length = min(self.context_length, tokens // self.max_sequences)
+        if length < 2:
+            raise StartupError(
+                f"model {self.config.name}: a KV cache of {tokens} tokens leaves each of its "
+                f"{self.max_sequences} sequences (max_active_sequences) {length} tokens; it needs at least 2"
+            )
+        return self.max_sequences * length, length
+
+    def reserved_tokens(self, reservations: Sequence[int]) -> int:
+        """Each sequence holds a whole slot."""
+        return len(reservations) * self.sequence_limit
 
     def reset(self) -> None:
         self.pool.reset()
@@ -271,11 +318,14 @@ class SharedBufferGenerator(GeneratorModel):
         return logits[cache.slots], SlotCache(self.pool, cache.slots, [n + 1 for n in cache.lengths])
 
 
-def make_generator(config: ModelConfig, session: Session, max_active_sequences: int) -> GeneratorModel:
-    """The model class for the graph's contract (config.json's `onnx.kv_cache`)."""
+def make_generator(
+    config: ModelConfig, session: Session, max_active_sequences: int, kv_cache_tokens: int = 0
+) -> GeneratorModel:
+    """The model class for the graph's contract (config.json's `onnx.kv_cache`). Raises StartupError when
+    `kv_cache_tokens` is too small for one sequence."""
     if config.kv_cache == "shared_buffer":
-        return SharedBufferGenerator(config, session, max_active_sequences)
-    return GeneratorModel(config, session)
+        return SharedBufferGenerator(config, session, max_active_sequences, kv_cache_tokens)
+    return GeneratorModel(config, session, max_active_sequences, kv_cache_tokens)
 
 
 def check_params(p: SamplingParams, max_new_tokens_limit: int) -> None:

@@ -71,6 +71,11 @@ class _Sequence:
     prefilled: int = 0
     prefill_seconds: float = 0.0
 
+    @property
+    def reserved(self) -> int:
+        """The KV-cache tokens the sequence may come to hold."""
+        return len(self.prepared.prompt_ids) + self.prepared.max_new_tokens
+
 
 class SequenceHandle:
     """Lets the front cancel a request; cancelling a finished one does nothing."""
@@ -181,6 +186,8 @@ class GenerationScheduler:
             self._m_prefill = metrics.prefill_duration.labels(self.name)
             self._m_ttft = metrics.time_to_first_token.labels(self.name)
             self._m_itl = metrics.inter_token_latency.labels(self.name)
+            self._m_cache_reserved = metrics.kv_cache_reserved.labels(self.name)
+            metrics.kv_cache_capacity.labels(self.name).set(model.kv_cache_tokens)
 
     # -- the front's side ------------------------------------------------------------------------------------
 
@@ -331,15 +338,27 @@ class GenerationScheduler:
                 self._drop_batch()
             with self._cond:
                 self._gauges()
+            if self._m is not None:
+                self._m_cache_reserved.set(self.model.reserved_tokens(self._reservations()))
             if events:
                 self._deliver(events)
 
+    def _reservations(self) -> list[int]:
+        """What each admitted sequence reserves of the KV cache (those cancelled leave at the next boundary)."""
+        return [s.reserved for s in (*self._active, *self._prefilling) if not s.cancelled]
+
     def _admit(self) -> list[_Sequence]:
-        """Waiting requests that fit beside the running batch (under the lock). Rows cancelled since the last
-        step leave at this boundary, before the prefill, so their slots count as free already."""
-        running = sum(not seq.cancelled for seq in (*self._active, *self._prefilling))
+        """Waiting requests that fit beside the running batch (under the lock), in order of arrival: within
+        max_active_sequences, and their reservations within the KV cache (the first that does not fit waits,
+        and nothing overtakes it). Rows cancelled since the last step leave at this boundary, before the
+        prefill, so their slots count as free already."""
+        reservations = self._reservations()
         admitted = []
-        while self._waiting and running + len(admitted) < self.max_active_sequences:
+        while self._waiting and len(reservations) < self.max_active_sequences:
+            seq = self._waiting[0]
+            if self.model.reserved_tokens([*reservations, seq.reserved]) > self.model.kv_cache_tokens:
+                break
+            reservations.append(seq.reserved)
             admitted.append(self._waiting.popleft())
         return admitted
 

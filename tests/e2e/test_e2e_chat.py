@@ -12,7 +12,7 @@ import grpc
 import pytest
 from e2e_util import start
 
-from client import Client
+from client import Client, ServerError
 from client.cli import main as cli
 from client.proto import inference_pb2 as pb
 from client.proto import inference_pb2_grpc
@@ -133,3 +133,35 @@ def test_a_single_cache_slot_serves(llm_repo: Path) -> None:
     with start(llm_repo, "--max-active-sequences", "1") as one, Client(one.target) as client:
         answers = [client.chat(CONVERSATION, model="tinyllama", max_new_tokens=20) for _ in range(3)]
     assert len({tuple(a.token_ids) for a in answers}) == 1
+
+
+def test_kv_cache_tokens_are_reported_and_bound_sequences(llm_repo: Path) -> None:
+    # 2 sequences in 256 tokens: slots of 128 tokens, less than the tiny model's context of 256.
+    from e2e_util import sample, scrape
+
+    with start(llm_repo, "--max-active-sequences", "2", "--kv-cache-tokens", "256") as srv, Client(
+        srv.target
+    ) as client:
+        info = client.get_model("tinyllama")
+        assert (info.limits.max_sequence_length, info.limits.kv_cache_tokens) == (128, 256)
+        assert info.limits.max_new_tokens == 127
+        assert sample(scrape(srv), "nlpserve_kv_cache_capacity_tokens", model="tinyllama") == 256
+        answer = client.chat(CONVERSATION, model="tinyllama", max_new_tokens=20)
+        assert answer.usage.generated_tokens >= 1
+        with pytest.raises(ServerError) as refused:
+            client.chat([("user", "Hello, world! " * 20)], model="tinyllama", max_new_tokens=100)
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "tokens one sequence may hold in the KV cache of 256" in refused.value.details
+
+
+def test_a_kv_cache_too_small_for_a_sequence_is_a_start_up_error(llm_repo: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--models", str(llm_repo), "--port", "0", "--metrics-port", "-1",
+         "--http-port", "-1", "--max-active-sequences", "4", "--kv-cache-tokens", "7"],
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "a KV cache of 7 tokens leaves each of its 4 sequences (max_active_sequences) 1 tokens" in result.stderr

@@ -51,6 +51,7 @@ def test_settings_are_frozen():
         (["--models", "m", "--max-queue-delay-ms", "-1"], {}, "--max-queue-delay-ms"),
         (["--models", "m"], {"NLPSERVE_PREFILL_CHUNK_TOKENS": "-1"}, "--prefill-chunk-tokens must be 0 or more"),
         (["--models", "m", "--stream-interval", "0"], {}, "--stream-interval must be at least 1"),
+        (["--models", "m"], {"NLPSERVE_KV_CACHE_TOKENS": "0"}, "--kv-cache-tokens must be at least 1"),
         (["--models", "m", "--cuda-memory-limit-mb", "-1"], {}, "--cuda-memory-limit-mb must be 0 or more"),
         (["--models", "m", "--cuda-arena-extend-strategy", "kHuge"], {}, "invalid choice"),
         (["--models", "m", "--tls-key", "k.pem"], {}, "--tls-cert and --tls-key go together"),

@@ -42,6 +42,7 @@ def setting(section: str | None, key: str, value):
         ("docgpt", setting(None, "max_sequence_length", -1), "max_sequence_length is -1, must be an integer of at least 1"),
         ("docgpt", setting("batching", "max_queue_size", -5), "batching.max_queue_size is -5"),
         ("docgpt", setting("batching", "max_active_sequences", 0), "batching.max_active_sequences is 0"),
+        ("docgpt", setting("batching", "kv_cache_tokens", 1.5), "batching.kv_cache_tokens is 1.5"),
         ("docgpt", setting("generation", "max_new_tokens", "many"), 'generation.max_new_tokens is "many"'),
         ("docgpt", setting("generation", "eos_token_ids", [1, -2]), "generation.eos_token_ids is [1, -2]"),
         ("docgpt", setting("special_tokens", "eos", 1.5), "special_tokens.eos is 1.5, must be a token id or null"),

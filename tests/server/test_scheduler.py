@@ -459,3 +459,62 @@ def test_stream_interval_sends_fewer_larger_chunks_of_the_same_tokens(generator,
     assert sizes[0] == 1 and all(n >= 3 for n in sizes[1:-1]) and sum(sizes) == len(out.token_ids)
     n = len(out.token_ids)
     assert len(sink.chunks) <= 1 + -(-(n - 1) // 3), sizes  # the first, then one per 3 tokens at most
+
+
+def _ordered_sinks(count: int) -> tuple[list[Collector], list[tuple[int, bool]]]:
+    """Sinks that also record, in one list, (request, finished) for every chunk in the order they came."""
+    order: list[tuple[int, bool]] = []
+    sinks = [
+        Collector(on_chunk=lambda chunk, i=i: order.append((i, chunk.finish is not None))) for i in range(count)
+    ]
+    return sinks, order
+
+
+@pytest.mark.parametrize("room", ["one", "two"])
+def test_kv_cache_tokens_bound_the_concatenating_batch(generator_config, generator, registry, room):
+    # Two requests reserving R tokens each (prompt + max_new_tokens): a cache of 2R - 1 tokens runs them one
+    # after the other, one of 2R together. Submitted before the thread starts, so both wait at the first
+    # boundary: the order of their chunks shows which.
+    from server.generation.model import GeneratorModel
+
+    prompt, max_new = PROMPTS[0], 10
+    reserved = len(generator.tokenizer.encode(prompt).ids) + max_new
+    tokens = 2 * reserved - (1 if room == "one" else 0)
+    model = GeneratorModel(generator_config, generator.session, 4, kv_cache_tokens=tokens)
+    model.eos_ids = frozenset()  # every request runs to max_new_tokens
+    assert (model.kv_cache_tokens, model.sequence_limit) == (tokens, min(tokens, model.context_length))
+    s = GenerationScheduler(model, max_active_sequences=4, max_queue_size=8, metrics=Metrics(registry))
+    sinks, order = _ordered_sinks(2)
+    for sink in sinks:
+        s.submit(GenerateRequest("docgpt", prompt, SamplingParams(max_new_tokens=max_new)), sink)
+    s.start()
+    try:
+        outs = [sink.result() for sink in sinks]
+    finally:
+        s.close(10)
+    assert [o.usage.generated_tokens for o in outs] == [max_new, max_new]
+    assert outs[0].token_ids == outs[1].token_ids  # greedy, same prompt: waiting changed nothing
+    first_done = order.index((0, True))
+    second_starts = order.index(next(e for e in order if e[0] == 1))
+    if room == "one":
+        assert first_done < second_starts, order
+    else:
+        assert second_starts < first_done, order
+    labels = {"model": generator_config.name}
+    assert registry.get_sample_value("nlpserve_kv_cache_capacity_tokens", labels) == tokens
+    assert registry.get_sample_value("nlpserve_kv_cache_reserved_tokens", labels) == 0
+
+
+def test_kv_cache_tokens_limit_one_sequence(generator_config, generator):
+    from server.errors import StartupError
+    from server.generation.model import GeneratorModel
+
+    model = GeneratorModel(generator_config, generator.session, 4, kv_cache_tokens=20)
+    assert model.sequence_limit == 20 and model.max_new_tokens == 19
+    prompt_tokens = len(generator.tokenizer.encode(PROMPTS[0]).ids)
+    model.prepare(GenerateRequest("docgpt", PROMPTS[0], SamplingParams(max_new_tokens=20 - prompt_tokens)))
+    with pytest.raises(InvalidInput, match="KV cache of 20") as info:
+        model.prepare(GenerateRequest("docgpt", PROMPTS[0], SamplingParams(max_new_tokens=21 - prompt_tokens)))
+    assert info.value.field == "prompt"
+    with pytest.raises(StartupError, match="holds no sequence"):
+        GeneratorModel(generator_config, generator.session, 4, kv_cache_tokens=1)

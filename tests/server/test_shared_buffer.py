@@ -213,3 +213,51 @@ def test_a_prompt_cancelled_between_chunks_frees_its_slot(generator: SharedBuffe
     (event,) = results["late"]
     assert isinstance(event, DeadlineExceeded) and "prefill" in str(event)
     assert generator.pool.free == generator.pool.slots
+
+
+def test_kv_cache_tokens_shorten_the_slots(generator: SharedBufferGenerator) -> None:
+    # Fewer tokens than slots x context: every slot is shorter, and a sequence that fits decodes as on the
+    # full-length cache. Too few for 2 tokens a slot is a start-up error.
+    from server.errors import InvalidInput, StartupError
+
+    config, session = generator.config, generator.session
+    length = generator.context_length // 2
+    short = make_generator(config, session, 3, kv_cache_tokens=3 * length + 2)
+    assert isinstance(short, SharedBufferGenerator)
+    assert (short.sequence_limit, short.kv_cache_tokens, short.pool.max_length) == (length, 3 * length, length)
+    assert short.max_new_tokens == length - 1
+    assert short.reserved_tokens([1, 1]) == 2 * length  # a whole slot each, whatever the request
+    prompt = [5, 9, 30, 40]
+    steps = length - len(prompt)
+    assert greedy_alone(short, prompt, steps) == greedy_alone(generator, prompt, steps)
+    with pytest.raises(InvalidInput, match=f"the {length} tokens one sequence may hold"):
+        short.prepare(GenerateRequest("tinyllama", "hello there", SamplingParams(max_new_tokens=length - 1)))
+    with pytest.raises(StartupError, match="needs at least 2"):
+        make_generator(config, session, 4, kv_cache_tokens=7)
+
+
+def test_scheduler_waits_for_a_free_slot_of_a_short_cache(generator: SharedBufferGenerator) -> None:
+    # Two slots, three requests: the third waits for a slot and still gets its tokens.
+    short = make_generator(generator.config, generator.session, 2, kv_cache_tokens=2 * 12)
+    scheduler = GenerationScheduler(short, max_active_sequences=2, max_queue_size=8)
+    scheduler.start()
+    try:
+        done = [threading.Event() for _ in range(3)]
+        chunks: list[list] = [[], [], []]
+
+        def sink(i: int) -> Callable:
+            def receive(event) -> None:
+                assert not isinstance(event, BaseException), event
+                chunks[i].append(event)
+                if event.finish is not None:
+                    done[i].set()
+
+            return receive
+
+        for i in range(3):
+            scheduler.submit(GenerateRequest("tinyllama", "hello", SamplingParams(max_new_tokens=6)), sink(i))
+        assert all(d.wait(60) for d in done)
+    finally:
+        scheduler.close(10)
+    assert short.pool.free == 2
+    assert len({tuple(t for c in cs for t in c.token_ids) for cs in chunks}) == 1

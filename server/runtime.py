@@ -188,9 +188,9 @@ class Session:
         outputs = binding.get_outputs()
         return [v if name in keep else v.numpy() for name, v in zip(output_names, outputs)]
 
-    def run_with_iobinding(self, binding: ort.IOBinding) -> None:
+    def run_with_iobinding(self, binding: ort.IOBinding, run_options: ort.RunOptions | None = None) -> None:
         """Runs the graph on `binding` (as ONNX Runtime's own method), with the failures of `guarded`."""
-        self.guarded(self.session.run_with_iobinding, binding)
+        self.guarded(self.session.run_with_iobinding, binding, run_options)
 
     def guarded(self, run: Callable[..., T], *args: object) -> T:
         """Calls `run(*args)` (a run of this session), turning ONNX Runtime's allocation failures into

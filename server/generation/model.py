@@ -43,6 +43,25 @@ class PreparedRequest:
     seed: int
 
 
+class Interrupt:
+    """Stops one session call from another thread (ONNX Runtime's `RunOptions.terminate`): a call under a fired
+    interrupt raises Interrupted within moments, or at once when it was fired before the call began."""
+
+    __slots__ = ("fired", "run_options")
+
+    def __init__(self) -> None:
+        self.run_options = ort.RunOptions()
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        self.run_options.terminate = True
+
+
+class Interrupted(Exception):
+    """A session call stopped by its Interrupt."""
+
+
 class GeneratorModel:
     """`max_sequences` and `kv_cache_tokens` (0: `max_sequences` times the context) size the KV cache: see
     `_cache_size` of each contract."""
@@ -258,11 +277,18 @@ class SharedBufferGenerator(GeneratorModel):
             binding.bind_input(past, device, device_id, self._element, shape, pointer)
             binding.bind_output(present, device, device_id, self._element, shape, pointer)
 
-    def _run(self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run(
+        self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray, interrupt: Interrupt | None = None
+    ) -> np.ndarray:
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits", "cpu")
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding, interrupt and interrupt.run_options)
+        except Exception as exc:
+            if interrupt is not None and interrupt.fired:
+                raise Interrupted("the call was interrupted") from exc
+            raise
         logits = binding.get_outputs()[-1].numpy()  # bound last, so listed last
         logits = logits[:, -1, : self.sampled_vocab_size]
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
@@ -280,13 +306,16 @@ class SharedBufferGenerator(GeneratorModel):
             raise
         return np.concatenate(rows), SlotCache(self.pool, slots, [len(p) for p in prompts])
 
-    def prefill_chunk(self, slot: int, ids: Sequence[int], done: int) -> np.ndarray:
+    def prefill_chunk(
+        self, slot: int, ids: Sequence[int], done: int, interrupt: Interrupt | None = None
+    ) -> np.ndarray:
         """Writes the prompt tokens `ids` into `slot` after the `done` tokens it holds (chunked prefill: the op
-        attends to those and to the chunk, causally); returns the chunk's last-position logits (1, vocab)."""
+        attends to those and to the chunk, causally); returns the chunk's last-position logits (1, vocab).
+        Raises Interrupted when `interrupt` fires (the slot then holds a partial chunk: free it)."""
         binding = self.session.session.io_binding()
         self._bind_cache(binding, slot, 1)
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        return self._run(binding, input_ids, np.ones((1, done + input_ids.shape[1]), dtype=np.int64))
+        return self._run(binding, input_ids, np.ones((1, done + input_ids.shape[1]), dtype=np.int64), interrupt)
 
     def decode(
         self,

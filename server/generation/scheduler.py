@@ -34,7 +34,7 @@ from ..metrics import GENERATE, Metrics
 from ..types import FinishReason, GenerateRequest, GenerationChunk, Timings, Usage, join_chunks
 from .detokenize import IncrementalDetokenizer
 from .kv_cache import KVCache
-from .model import GeneratorModel, PreparedRequest, SharedBufferGenerator
+from .model import GeneratorModel, Interrupt, Interrupted, PreparedRequest, SharedBufferGenerator
 from .sampling import Sampler, sample_batch
 from .slot_cache import SlotCache
 from .stopping import StopMatcher
@@ -70,6 +70,7 @@ class _Sequence:
     slot: int = -1
     prefilled: int = 0
     prefill_seconds: float = 0.0
+    interrupt: Interrupt | None = None  # while a chunk of its prompt runs: stops it on a cancel
 
     @property
     def reserved(self) -> int:
@@ -306,6 +307,9 @@ class GenerationScheduler:
         if seq.finished:
             return  # every stream cancels its handle when it ends: nothing to look for
         seq.cancelled = True
+        interrupt = seq.interrupt
+        if interrupt is not None:  # a chunk of its prompt is running: stop it now, not when it ends
+            interrupt.fire()
         with self._cond:
             try:
                 self._waiting.remove(seq)  # still queued: it never costs a step
@@ -479,12 +483,16 @@ class GenerationScheduler:
             n = min(len(ids) - seq.prefilled, budget)
             started = time.monotonic()
             try:
-                logits = model.prefill_chunk(seq.slot, ids[seq.prefilled : seq.prefilled + n], seq.prefilled)
-            except Exception as exc:  # fails this sequence only
-                log.exception("model %s: a prefill chunk of %d tokens failed", self.name, n)
+                logits = self._run_chunk(seq, ids[seq.prefilled : seq.prefilled + n])
+            except Exception as exc:  # ends this sequence only
                 self._prefilling.pop(0)
                 model.pool.release([seq.slot])
-                events.append((seq.sink, exc))
+                if not isinstance(exc, Interrupted):
+                    log.exception("model %s: a prefill chunk of %d tokens failed", self.name, n)
+                    events.append((seq.sink, exc))
+                elif not seq.cancelled:  # the deadline's timer, not the client
+                    seq.cancelled = True
+                    events.append((seq.sink, DeadlineExceeded("the deadline passed during the prompt's prefill")))
                 continue
             seq.prefill_seconds += time.monotonic() - started
             seq.prefilled += n
@@ -497,6 +505,25 @@ class GenerationScheduler:
             self._join([seq], logits, SlotCache(model.pool, [seq.slot], [len(ids)]), events)
         with self._cond:
             self._gauges()
+
+    def _run_chunk(self, seq: _Sequence, ids: list[int]) -> np.ndarray:
+        """One chunk of `seq`'s prompt into its slot, stopped midway (Interrupted) by a cancel or its deadline."""
+        model = self.model
+        assert isinstance(model, SharedBufferGenerator)
+        interrupt = seq.interrupt = Interrupt()
+        if seq.cancelled:  # cancelled since the boundary, before the interrupt was there to fire
+            interrupt.fire()
+        timer = None
+        if seq.deadline is not None:
+            timer = threading.Timer(max(0.0, seq.deadline - time.monotonic()), interrupt.fire)
+            timer.daemon = True
+            timer.start()
+        try:
+            return model.prefill_chunk(seq.slot, ids, seq.prefilled, interrupt)
+        finally:
+            seq.interrupt = None
+            if timer is not None:
+                timer.cancel()
 
     def _step(self, events: list[tuple[Sink, Event]]) -> None:
         start = time.monotonic()

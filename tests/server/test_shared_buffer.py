@@ -261,3 +261,86 @@ def test_scheduler_waits_for_a_free_slot_of_a_short_cache(generator: SharedBuffe
         scheduler.close(10)
     assert short.pool.free == 2
     assert len({tuple(t for c in cs for t in c.token_ids) for cs in chunks}) == 1
+
+
+def test_an_interrupted_chunk_raises_and_leaves_the_session_usable(generator: SharedBufferGenerator) -> None:
+    from server.generation.model import Interrupt, Interrupted
+
+    prompt = [3, 4, 5, 6, 7, 8, 9]
+    whole_logits, whole = generator.prefill([prompt])
+    whole.release()
+    slot = generator.pool.take()
+    interrupt = Interrupt()
+    interrupt.fire()
+    with pytest.raises(Interrupted):
+        generator.prefill_chunk(slot, prompt, 0, interrupt)
+    # The slot's partial chunk is overwritten by its next occupant; the session serves on.
+    np.testing.assert_allclose(generator.prefill_chunk(slot, prompt, 0, Interrupt()), whole_logits, atol=1e-5)
+    generator.pool.release([slot])
+
+
+@pytest.mark.parametrize("why", ["cancel", "deadline"])
+def test_a_cancel_or_deadline_stops_a_running_chunk(generator: SharedBufferGenerator, why: str) -> None:
+    """The cancel (from the front's thread) or the deadline's timer fires while a chunk is in its session
+    call: the call stops (RunOptions.terminate), the slot is freed, and no later chunk runs."""
+    scheduler = GenerationScheduler(generator, max_active_sequences=2, max_queue_size=8, prefill_chunk_tokens=2)
+    results, sink_for = collect()
+    long = GenerateRequest("tinyllama", "one two three four five six seven eight", SamplingParams(max_new_tokens=4))
+    handle = scheduler.submit(long, sink_for("long"), deadline=time.monotonic() + 3600)
+    real, calls = generator.prefill_chunk, []
+
+    def chunk_under_fire(slot, ids, done, interrupt=None):
+        calls.append(done)
+        if len(calls) == 2:  # the second chunk: its interrupt fires while it is in the call
+            if why == "cancel":
+                thread = threading.Thread(target=handle.cancel)
+                thread.start()
+                thread.join(60)
+            else:
+                scheduler._prefilling[0].deadline = time.monotonic()  # too late for the timer: fire it here
+                interrupt.fire()
+            assert interrupt.fired
+        return real(slot, ids, done, interrupt)
+
+    generator.prefill_chunk = chunk_under_fire
+    try:
+        drive(scheduler)
+    finally:
+        del generator.prefill_chunk
+    assert calls == [0, 2] and scheduler.active == 0
+    assert generator.pool.free == generator.pool.slots
+    if why == "cancel":
+        assert results["long"] == []
+    else:
+        (event,) = results["long"]
+        assert isinstance(event, DeadlineExceeded) and "prefill" in str(event)
+
+
+def test_the_deadline_timer_interrupts_a_chunk(generator: SharedBufferGenerator) -> None:
+    # The timer itself: a chunk still in its call when the deadline passes is stopped by it. The chunk here
+    # waits in its call until its interrupt fires (60 s at most), so only the timer can end it in time.
+    scheduler = GenerationScheduler(generator, max_active_sequences=2, max_queue_size=8, prefill_chunk_tokens=2)
+    results, sink_for = collect()
+    long = GenerateRequest("tinyllama", "one two three four five six seven eight", SamplingParams(max_new_tokens=4))
+    scheduler.submit(long, sink_for("late"), deadline=time.monotonic() + 3600)
+    real, waited = generator.prefill_chunk, []
+
+    def slow_chunk(slot, ids, done, interrupt=None):
+        if done == 2:
+            give_up = time.monotonic() + 60
+            while not interrupt.fired and time.monotonic() < give_up:
+                time.sleep(0.01)
+            waited.append(interrupt.fired)
+        return real(slot, ids, done, interrupt)
+
+    generator.prefill_chunk = slow_chunk
+    try:
+        drive(scheduler, 1)
+        scheduler._prefilling[0].deadline = time.monotonic() + 2  # passes while the next chunk is in its call
+        drive(scheduler)
+    finally:
+        del generator.prefill_chunk
+    assert waited == [True]
+    (event,) = results["late"]
+    assert isinstance(event, DeadlineExceeded) and "prefill" in str(event)
+    assert generator.pool.free == generator.pool.slots

@@ -77,12 +77,11 @@ ENV VIRTUAL_ENV=/opt/venv \
     NLPSERVE_HOST=0.0.0.0 \
     NLPSERVE_PORT=50051 \
     NLPSERVE_METRICS_PORT=8000
-# Fail the build, not the first start on a GPU host, when a library the CUDA provider links is missing
-# (libcuda.so.1 is the driver's: the NVIDIA Container Toolkit mounts it when the container starts).
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN missing="$(ldd /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so \
-        | grep 'not found' | grep -v 'libcuda\.so\.1' || true)" \
-    && if [ -n "$missing" ]; then echo "CUDA provider libraries missing: $missing" >&2; exit 1; fi
+# Fail the build, not the first start on a GPU host, when a library the CUDA provider needs is missing: what
+# its provider libraries link, and cuDNN 9, which it loads at run time (libcuda.so.1 is the driver's: the
+# NVIDIA Container Toolkit mounts it when the container starts).
+COPY deploy/check-gpu-libraries.sh /usr/local/lib/nlpserve/
+RUN sh /usr/local/lib/nlpserve/check-gpu-libraries.sh /opt/venv/lib/python3*/site-packages/onnxruntime/capi
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 WORKDIR /home/nlpserve

@@ -148,10 +148,11 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             stream_interval=settings.stream_interval,
         )
         started = time.monotonic()
-        ids = model.tokenizer.encode("warm up").ids or [0]
+        # Within a sequence's limit (a short --kv-cache-tokens makes short slots): the prompt and 2 fed tokens.
+        ids = (model.tokenizer.encode("warm up").ids or [0])[: max(1, model.sequence_limit - 2)]
         prompts = [ids, ids[:1]][: max(1, active)]  # a shared-buffer model has `active` cache slots
         logits, cache = model.prefill(prompts)
-        for step in range(2):
+        for step in range(min(2, model.sequence_limit - len(ids))):
             logits, cache = model.decode(
                 [int(t) for t in logits.argmax(-1)], [len(p) + step for p in prompts], cache
             )

@@ -81,6 +81,28 @@ def test_runtime_image_is_cuda13_cudnn9_non_root_with_the_server_extra_only():
     assert re.search(r'^ENTRYPOINT \["python", "-m", "server"\]', runtime, re.MULTILINE)
 
 
+def test_the_gpu_library_check_runs_at_build_time_and_names_what_is_missing(tmp_path: Path):
+    """The runtime stage runs deploy/check-gpu-libraries.sh. Here, with onnxruntime-gpu and no CUDA libraries,
+    it must fail naming the CUDA provider's linked libraries and cuDNN (loaded at run time, unseen by ldd);
+    without the provider libraries at all, it must fail too."""
+    import onnxruntime
+
+    runtime = "\n".join(stages(DOCKERFILE.read_text())["runtime"])
+    script = "deploy/check-gpu-libraries.sh"
+    assert re.search(rf"^COPY {script} ", runtime, re.MULTILINE)
+    assert re.search(r"^RUN sh \S*check-gpu-libraries\.sh /opt/venv/lib/python3\*/site-packages/onnxruntime/capi$",
+                     runtime, re.MULTILINE)
+    capi = Path(onnxruntime.__file__).parent / "capi"
+    if not (capi / "libonnxruntime_providers_cuda.so").exists():
+        pytest.fail("onnxruntime-gpu (the project's pin) is not installed", pytrace=False)
+    checked = subprocess.run(["sh", ROOT / script, capi], capture_output=True, text=True, timeout=60, check=False)
+    assert checked.returncode == 1
+    assert "libonnxruntime_providers_cuda.so: libcublasLt.so.13 libcublas.so.13" in checked.stderr, checked.stderr
+    assert "cuDNN 9" in checked.stderr and "libcuda.so.1" not in checked.stderr
+    empty = subprocess.run(["sh", ROOT / script, tmp_path], capture_output=True, text=True, timeout=60, check=False)
+    assert empty.returncode == 1 and "libonnxruntime_providers_cuda.so (is onnxruntime-gpu installed?)" in empty.stderr
+
+
 def test_dockerignore_lets_in_what_the_dockerfile_copies():
     patterns = [
         p.strip()

@@ -165,3 +165,7 @@ def test_a_kv_cache_too_small_for_a_sequence_is_a_start_up_error(llm_repo: Path)
     )
     assert result.returncode == 1, result.stderr
     assert "a KV cache of 7 tokens leaves each of its 4 sequences (max_active_sequences) 1 tokens" in result.stderr
+    # The smallest cache that fits: slots of 2 tokens (the warm-up stays within them).
+    with start(llm_repo, "--max-active-sequences", "4", "--kv-cache-tokens", "8") as srv, Client(srv.target) as client:
+        limits = client.get_model("tinyllama").limits
+        assert (limits.max_sequence_length, limits.max_new_tokens, limits.kv_cache_tokens) == (2, 1, 8)

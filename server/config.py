@@ -33,6 +33,18 @@ class Device(str, enum.Enum):
     TENSORRT = "tensorrt"
 
 
+class DeviceSampling(str, enum.Enum):
+    """Where a decode step's logits are ranked for sampling (server/generation/sampling_head.py)."""
+
+    AUTO = "auto"  # on the model's device when it is a GPU
+    ON = "on"  # also on the CPU provider (the same path; for tests and comparisons)
+    OFF = "off"  # on the host, after copying the logits
+
+    @property
+    def enabled(self) -> bool | None:
+        return None if self is DeviceSampling.AUTO else self is DeviceSampling.ON
+
+
 class Variant(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
@@ -141,6 +153,14 @@ class Settings:
             "the running streams by one chunk at most (0: each prompt whole)"
         ),
     )
+    device_sampling: DeviceSampling = field(
+        default=DeviceSampling.AUTO,
+        metadata=_help(
+            "shared-buffer generators: rank each decode step's logits on the model's device (a second small "
+            "graph: TopK), so that only each row's top candidates cross to the host; the same tokens either "
+            "way. auto: on a GPU; on: also on the CPU; off: on the host"
+        ),
+    )
     max_texts_per_request: int = field(default=256, metadata=_help("classifiers: texts per Classify request"))
     max_message_bytes: int = field(
         default=4 * 1024 * 1024, metadata=_help("largest gRPC message received or sent")
@@ -213,6 +233,7 @@ def _converter(opt: dataclasses.Field) -> Any:
         "float": float,
         "str": str,
         "ArenaExtend": ArenaExtend,
+        "DeviceSampling": DeviceSampling,
         "Device": Device,
         "Variant": Variant,
         "BatchPolicy": BatchPolicy,

@@ -23,6 +23,7 @@ from .config import Settings
 from .embed import EmbedderModel
 from .errors import InvalidInput, ModelNotFound, Unavailable, shown
 from .generation.model import MAX_STOP_SEQUENCES, make_generator
+from .generation.sampling import greedy_tokens
 from .generation.scheduler import GenerationScheduler
 from .metrics import CLASSIFY, CLASSIFY_TOKENS, EMBED, Metrics
 from .repository import CLASSIFIER, EMBEDDER, ENCODERS, GENERATOR, TOKEN_CLASSIFIER, ModelConfig
@@ -121,7 +122,13 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
         served = ServedModel(description, encoder=model, batcher=batcher, session=session)
     else:
         active = int(_batching(config, settings, "max_active_sequences", 16))
-        model = make_generator(config, session, active, int(_batching(config, settings, "kv_cache_tokens", 0)))
+        model = make_generator(
+            config,
+            session,
+            active,
+            int(_batching(config, settings, "kv_cache_tokens", 0)),
+            settings.device_sampling.enabled,
+        )
         description = ModelDescription(
             name=config.name,
             version=version,
@@ -154,7 +161,7 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
         logits, cache = model.prefill(prompts)
         for step in range(min(2, model.sequence_limit - len(ids))):
             logits, cache = model.decode(
-                [int(t) for t in logits.argmax(-1)], [len(p) + step for p in prompts], cache
+                greedy_tokens(logits), [len(p) + step for p in prompts], cache
             )
         cache.release()
         served = ServedModel(description, scheduler=scheduler, session=session)

@@ -130,6 +130,8 @@ class Session:
         requested = requested_providers(device)
         cuda = cuda or CudaOptions()
         self.path = path
+        self.cuda = cuda
+        self.intra_op_threads = intra_op_threads
         # UNVERIFIED without a GPU: the CUDA options reach ONNX Runtime (a CPU-only run ignores them).
         self.provider_options = [cuda.provider_options(p) for p in requested]
         self.session = ort.InferenceSession(
@@ -159,6 +161,7 @@ class Session:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.output_types = {o.name: _NUMPY_TYPES.get(o.type, np.float32) for o in self.session.get_outputs()}
         # Called (from the worker thread) once the device is lost; the model hub turns the model NOT_SERVING.
         self.on_device_lost: Callable[[], None] | None = None
         self.lost = False

@@ -20,10 +20,11 @@ from tokenizers import Tokenizer
 
 from ..errors import InvalidInput, StartupError, shown_number
 from ..repository import ModelConfig
-from ..runtime import Session
+from ..runtime import CPU, CUDA, Session
 from ..types import GenerateRequest, SamplingParams
 from .chat_template import ChatTemplate
 from .kv_cache import KVCache
+from .sampling_head import DeviceLogits, SamplingHead
 from .slot_cache import SlotCache, SlotPool
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,14 @@ class SharedBufferGenerator(GeneratorModel):
     The graph takes `input_ids` and `attention_mask` only (no position ids: the op rotates by each row's length,
     which it reads from the mask); a row's tokens sit at positions 0..length-1 of its slot ("right padding")."""
 
-    def __init__(self, config: ModelConfig, session: Session, slots: int, kv_cache_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        session: Session,
+        slots: int,
+        kv_cache_tokens: int = 0,
+        device_sampling: bool | None = None,
+    ) -> None:
         super().__init__(config, session, slots, kv_cache_tokens)
         self.num_kv_heads = int(self.config.architecture.get("num_kv_heads") or self.num_heads)
         self.pool = SlotPool(
@@ -251,6 +259,12 @@ class SharedBufferGenerator(GeneratorModel):
         ]
         self._element = self.pool.dtype.type
         self._decode_binding: tuple[int, ort.IOBinding] | None = None
+        # A decode step's logits stay on the device, ranked there by the sampling head (sampling_head.py):
+        # by default on a GPU; `True` also on the CPU (the same path, as the tests run it).
+        self.head: SamplingHead | None = None
+        if device_sampling or (device_sampling is None and session.device != "cpu"):
+            self.head = make_head(session, self.sampled_vocab_size, session.output_types["logits"])
+            log.info("model %s: decode steps rank their logits on %s (the sampling head)", config.name, self.head.provider)
 
     def _cache_size(self, tokens: int) -> tuple[int, int]:
         """Allocated whole at start: `max_sequences` slots of one length, the context or less when `tokens` is
@@ -278,19 +292,29 @@ class SharedBufferGenerator(GeneratorModel):
             binding.bind_output(present, device, device_id, self._element, shape, pointer)
 
     def _run(
-        self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray, interrupt: Interrupt | None = None
-    ) -> np.ndarray:
+        self,
+        binding: ort.IOBinding,
+        input_ids: np.ndarray,
+        mask: np.ndarray,
+        interrupt: Interrupt | None = None,
+        on_device: bool = False,
+    ) -> np.ndarray | DeviceLogits:
+        """Last-position logits (B, vocab): float32 on the host, or (`on_device`, with a sampling head) left
+        where the model computed them."""
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_output("logits", "cpu")
+        on_device = on_device and self.head is not None
+        binding.bind_output("logits", self.pool.device if on_device else "cpu", self.pool.device_id if on_device else 0)
         try:
             self.session.run_with_iobinding(binding, interrupt and interrupt.run_options)
         except Exception as exc:
             if interrupt is not None and interrupt.fired:
                 raise Interrupted("the call was interrupted") from exc
             raise
-        logits = binding.get_outputs()[-1].numpy()  # bound last, so listed last
-        logits = logits[:, -1, : self.sampled_vocab_size]
+        value = binding.get_outputs()[-1]  # bound last, so listed last
+        if on_device:
+            return DeviceLogits(self.head, value)
+        logits = value.numpy()[:, -1, : self.sampled_vocab_size]
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, SlotCache]:
@@ -343,18 +367,41 @@ class SharedBufferGenerator(GeneratorModel):
             binding = self.session.session.io_binding()
             self._bind_cache(binding, 0, span)
             self._decode_binding = (span, binding)
-        logits = self._run(self._decode_binding[1], input_ids, mask)
+        logits = self._run(self._decode_binding[1], input_ids, mask, on_device=True)
         return logits[cache.slots], SlotCache(self.pool, cache.slots, [n + 1 for n in cache.lengths])
 
 
 def make_generator(
-    config: ModelConfig, session: Session, max_active_sequences: int, kv_cache_tokens: int = 0
+    config: ModelConfig,
+    session: Session,
+    max_active_sequences: int,
+    kv_cache_tokens: int = 0,
+    device_sampling: bool | None = None,
 ) -> GeneratorModel:
     """The model class for the graph's contract (config.json's `onnx.kv_cache`). Raises StartupError when
-    `kv_cache_tokens` is too small for one sequence."""
+    `kv_cache_tokens` is too small for one sequence. `device_sampling` (shared-buffer decoders; None: on a
+    GPU): decode steps rank their logits on the device."""
     if config.kv_cache == "shared_buffer":
-        return SharedBufferGenerator(config, session, max_active_sequences, kv_cache_tokens)
+        return SharedBufferGenerator(config, session, max_active_sequences, kv_cache_tokens, device_sampling)
     return GeneratorModel(config, session, max_active_sequences, kv_cache_tokens)
+
+
+def make_head(session: Session, vocab: int, dtype: type) -> SamplingHead:
+    """The sampling head on the model's own device (the CUDA provider for a CUDA or TensorRT model: the head
+    is too small for TensorRT to pay). Raises StartupError when ONNX Runtime puts it elsewhere."""
+    # UNVERIFIED without a GPU: the head on the CUDA provider, reading the model's logits in device memory.
+    providers = [CUDA, CPU] if session.device == "cuda" else [CPU]
+    head = SamplingHead(
+        vocab,
+        np.dtype(dtype),
+        providers,
+        [session.cuda.provider_options(p) for p in providers],
+        session.intra_op_threads,
+        session.guarded,
+    )
+    if head.provider != providers[0]:
+        raise StartupError(f"the sampling head of {session.path} runs on {head.provider}, not {providers[0]}")
+    return head
 
 
 def check_params(p: SamplingParams, max_new_tokens_limit: int) -> None:

@@ -42,6 +42,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from ..types import SamplingParams
+from .sampling_head import DeviceLogits
 
 # Top-p first ranks this many of the most likely tokens; a nucleus wider than that ranks WIDEN times more, and
 # so on up to the whole vocabulary (a stable sort).
@@ -94,20 +95,36 @@ class Sampler:
 
 
 def sample_batch(
-    logits: np.ndarray, samplers: Sequence[Sampler], want_logprobs: Sequence[bool]
+    logits: np.ndarray | DeviceLogits, samplers: Sequence[Sampler], want_logprobs: Sequence[bool]
 ) -> tuple[list[int], list[float | None]]:
     """Next token of every row of `logits` (B, vocab), and its log-probability where asked for; records each
-    token in its sampler's history."""
-    tokens = _sample(logits, samplers)
+    token in its sampler's history. `logits` on the device (DeviceLogits) give the same tokens."""
+    tokens = _sample_device(logits, samplers) if isinstance(logits, DeviceLogits) else _sample(logits, samplers)
     logprobs: list[float | None] = [None] * len(samplers)
     rows = [i for i, w in enumerate(want_logprobs) if w]
     if rows:
-        for i, lp in zip(rows, _logprobs(logits[rows], [tokens[i] for i in rows]).tolist()):
+        x = logits[rows]
+        x = x.host() if isinstance(x, DeviceLogits) else x
+        for i, lp in zip(rows, _logprobs(x, [tokens[i] for i in rows]).tolist()):
             logprobs[i] = lp
     for s, t in zip(samplers, tokens):
         if s._seen is not None:
             s.observe(t)
     return tokens, logprobs
+
+
+def finite_rows(logits: np.ndarray | DeviceLogits) -> np.ndarray:
+    """Per row (B,): no NaN and no +inf among its logits (a row that has one has no next token)."""
+    if isinstance(logits, DeviceLogits):
+        return logits.finite()
+    return logits.max(axis=-1) < np.inf  # one pass: max is NaN when any value is
+
+
+def greedy_tokens(logits: np.ndarray | DeviceLogits) -> list[int]:
+    """The most likely token of each row (the lowest id among ties)."""
+    if isinstance(logits, DeviceLogits):
+        return logits.top(1)[1][:, 0].tolist()
+    return np.argmax(logits, axis=-1).tolist()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -134,6 +151,42 @@ def _sample(logits: np.ndarray, samplers: Sequence[Sampler]) -> list[int]:
         )
     if penalised:
         _tokens_of(tokens, penalised, _sample_penalised(logits, penalised, [samplers[i] for i in penalised]))
+    return tokens
+
+
+def _sample_device(logits: DeviceLogits, samplers: Sequence[Sampler]) -> list[int]:
+    """_sample's tokens from logits left on the device: the rows that need only their most likely tokens
+    (argmax, top-k, top-p within top-k) and have no penalty to apply are drawn from the device's candidates;
+    the others from the whole rows, copied to the host. The candidates are the logits of the host's ranking
+    (`_ranked`), in its order, so every row gets the token the host path would give it."""
+    vocab = logits.vocab
+    ranked, width, rest = [], 1, []
+    for i, s in enumerate(samplers):
+        p = s.params
+        if not s._count and (_argmax_only(p) or 0 < p.top_k < vocab):
+            ranked.append(i)
+            width = max(width, 1 if _argmax_only(p) else p.top_k)
+        else:
+            rest.append(i)
+    tokens = [0] * len(samplers)
+    if ranked:
+        values, order = logits[ranked].top(width)
+        argmax, drawn = [], []
+        for j, i in enumerate(ranked):
+            (argmax if _argmax_only(samplers[i].params) else drawn).append(j)
+        for j in argmax:
+            tokens[ranked[j]] = int(order[j, 0])
+        if drawn:
+            group = [samplers[ranked[j]] for j in drawn]
+            found, done = _draw_candidates(values[drawn], order[drawn], group, np.zeros(len(drawn)), vocab)
+            for j, token, ok in zip(drawn, found, done.tolist()):
+                if ok:
+                    tokens[ranked[j]] = token
+                else:  # not reached by a top-k row (width >= its k); kept exact all the same
+                    rest.append(ranked[j])
+    if rest:
+        rest.sort()
+        _tokens_of(tokens, rest, _sample(logits[rest].host(), [samplers[i] for i in rest]))
     return tokens
 
 
@@ -284,34 +337,52 @@ def _draw_ranked(
     """Tokens of the top-k and top-p rows, x (R, V) their logits, from their most likely candidates. `totals`:
     the whole distribution's total of each top-p row without top-k (its nucleus is a share of that)."""
     vocab = x.shape[1]
-    params = [samplers[r].params for r in rows]
-    top_k = np.array([p.top_k if 0 < p.top_k < vocab else 0 for p in params])
-    top_p = np.array([p.top_p for p in params])
-    temperature = np.array([p.temperature for p in params])
+    group = [samplers[r] for r in rows]
     total = np.array([totals.get(r, 0.0) for r in rows])
-    width = min(vocab, max(k if k else NUCLEUS_CANDIDATES for k in top_k.tolist()))
+    width = min(vocab, max(_top_k(s.params, vocab) or NUCLEUS_CANDIDATES for s in group))
     found = [0] * len(rows)
     pending = np.arange(len(rows))
     while len(pending):
         xs = x if len(pending) == len(x) else x[pending]
         order = _ranked(xs, width)  # (P, width), most likely first
         values = np.take_along_axis(xs, order, axis=1)
-        e = np.empty(values.shape)
-        _scale(values, values[:, 0], temperature[pending], e)
-        np.exp(e, out=e)
-        cum = np.cumsum(e, axis=1)
-        k = top_k[pending]
-        # The mass top_p is a share of: the top-k set's, or the whole vocabulary's.
-        base = np.where(k > 0, cum[np.arange(len(pending)), np.maximum(k, 1) - 1], total[pending])
-        reach = cum >= (top_p[pending] * base)[:, None]  # top_p <= 1: a top-k row reaches it by its k-th
-        count = np.where(reach[:, -1], reach.argmax(axis=1) + 1, width)
-        done = reach[:, -1] | (width == vocab)
+        drawn, done = _draw_candidates(values, order, [group[i] for i in pending], total[pending], vocab)
         for j in np.flatnonzero(done).tolist():
-            i = int(pending[j])
-            found[i] = _pick(samplers[rows[i]].rng, order[j], cum[j], int(count[j]))
+            found[int(pending[j])] = drawn[j]
         pending = pending[~done]
         width = min(vocab, width * WIDEN)
     return found
+
+
+def _top_k(p: SamplingParams, vocab: int) -> int:
+    """The request's top-k, 0 when it keeps the whole vocabulary."""
+    return p.top_k if 0 < p.top_k < vocab else 0
+
+
+def _draw_candidates(
+    values: np.ndarray, order: np.ndarray, samplers: Sequence[Sampler], total: np.ndarray, vocab: int
+) -> tuple[list[int], np.ndarray]:
+    """Draws each row's token from its `width` most likely tokens: `order` (R, width) their ids, most likely
+    first, `values` their logits; `total` each top-p row's whole-vocabulary total (without top-k, its nucleus
+    is a share of that). Returns the tokens and which rows were done: a row whose nucleus reaches past the
+    candidates (and that does not have them all) needs more of them."""
+    params = [s.params for s in samplers]
+    width = values.shape[1]
+    k = np.array([_top_k(p, vocab) for p in params])
+    e = np.empty(values.shape)
+    _scale(values, values[:, 0], np.array([p.temperature for p in params]), e)
+    np.exp(e, out=e)
+    cum = np.cumsum(e, axis=1)
+    # The mass top_p is a share of: the top-k set's, or the whole vocabulary's.
+    base = np.where(k > 0, cum[np.arange(len(values)), np.maximum(k, 1) - 1], total)
+    reach = cum >= (np.array([p.top_p for p in params]) * base)[:, None]  # a top-k row reaches it by its k-th
+    count = np.where(reach[:, -1], reach.argmax(axis=1) + 1, width)
+    done = reach[:, -1] | (width == vocab)
+    found = [
+        _pick(s.rng, order[j], cum[j], int(count[j])) if ok else 0
+        for j, (s, ok) in enumerate(zip(samplers, done.tolist()))
+    ]
+    return found, done
 
 
 def _pick(rng: np.random.Generator, order: np.ndarray, cum: np.ndarray, count: int) -> int:

@@ -35,7 +35,7 @@ from ..types import FinishReason, GenerateRequest, GenerationChunk, Timings, Usa
 from .detokenize import IncrementalDetokenizer
 from .kv_cache import KVCache
 from .model import GeneratorModel, Interrupt, Interrupted, PreparedRequest, SharedBufferGenerator
-from .sampling import Sampler, sample_batch
+from .sampling import Sampler, finite_rows, sample_batch
 from .slot_cache import SlotCache
 from .stopping import StopMatcher
 
@@ -549,7 +549,7 @@ class GenerationScheduler:
     def _accept(self, seqs: list[_Sequence], logits, events: list[tuple[Sink, Event]]) -> list[int]:
         """Samples each sequence's next token, emits its text; returns the rows that go on. A row whose logits
         hold NaN or +inf has no next token (argmax would return garbage): that sequence fails alone."""
-        broken = ~(logits.max(axis=-1) < np.inf)  # one pass: max is NaN when any value is
+        broken = ~finite_rows(logits)
         if not broken.any():
             return self._accept_rows(seqs, logits, events)
         for row in np.flatnonzero(broken):

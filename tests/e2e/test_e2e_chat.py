@@ -135,6 +135,23 @@ def test_a_single_cache_slot_serves(llm_repo: Path) -> None:
     assert len({tuple(a.token_ids) for a in answers}) == 1
 
 
+def test_device_sampling_gives_the_same_answers(llm_srv: ServerProcess, llm_repo: Path) -> None:
+    # The sampling head (on the CPU provider here, as on a GPU by default): greedy, top-k and top-p sampled with
+    # a seed, and a penalty (a host copy), the same tokens and log-probabilities as the host's sampler.
+    asks = [{}, {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 3}, {"temperature": 0.7, "seed": 4},
+            {"repetition_penalty": 1.3, "temperature": 0.8, "top_k": 10, "seed": 5}]
+
+    def answers(target: str) -> list:
+        with Client(target) as client:
+            return [(a.token_ids, a.logprobs) for a in (
+                client.chat(CONVERSATION, model="tinyllama", max_new_tokens=16, logprobs=True, **ask) for ask in asks)]
+
+    with start(llm_repo, "--device-sampling", "on") as head:
+        assert answers(head.target) == answers(llm_srv.target)
+        assert "decode steps rank their logits on CPUExecutionProvider (the sampling head)" in head.logs()
+    assert "the sampling head" not in llm_srv.logs()  # auto: on a GPU only
+
+
 def test_kv_cache_tokens_are_reported_and_bound_sequences(llm_repo: Path) -> None:
     # 2 sequences in 256 tokens: slots of 128 tokens, less than the tiny model's context of 256.
     from e2e_util import sample, scrape

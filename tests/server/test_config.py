@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import BatchPolicy, Device, Settings, load_settings
+from server.config import BatchPolicy, Device, DeviceSampling, Settings, load_settings
 
 
 def test_defaults_and_flags():
@@ -16,6 +16,9 @@ def test_defaults_and_flags():
     assert s.models == Path("m") and s.port == 0 and s.max_batch_size == 8
     assert s.batch_policy is BatchPolicy.FIXED
     assert s.device is Device.AUTO and s.metrics_port == 8000 and s.max_queue_size is None
+    assert s.device_sampling is DeviceSampling.AUTO and s.device_sampling.enabled is None  # on a GPU
+    for value, enabled in (("on", True), ("off", False)):
+        assert load_settings(["--models", "m", "--device-sampling", value], {}).device_sampling.enabled is enabled
 
 
 def test_environment_fills_what_flags_leave_unset():
@@ -54,6 +57,7 @@ def test_settings_are_frozen():
         (["--models", "m"], {"NLPSERVE_KV_CACHE_TOKENS": "0"}, "--kv-cache-tokens must be at least 1"),
         (["--models", "m", "--cuda-memory-limit-mb", "-1"], {}, "--cuda-memory-limit-mb must be 0 or more"),
         (["--models", "m", "--cuda-arena-extend-strategy", "kHuge"], {}, "invalid choice"),
+        (["--models", "m"], {"NLPSERVE_DEVICE_SAMPLING": "gpu"}, "NLPSERVE_DEVICE_SAMPLING"),
         (["--models", "m", "--tls-key", "k.pem"], {}, "--tls-cert and --tls-key go together"),
         (["--models", "m"], {"NLPSERVE_TLS_CERT": "c.pem"}, "--tls-cert and --tls-key go together"),
         (

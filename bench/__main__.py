@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # PyTorch's OpenMP threads spin while they wait for each other; on a busy machine a descheduled peer makes
-    # every parallel region wait a time slice (measured here: 50x slower). ONNX Runtime is run without spinning
-    # too, as the server runs it. Set before torch is imported.
+    # every parallel region wait a time slice (measured here: 50x slower). ONNX Runtime sessions spin as the
+    # server's do (bench/inprocess.py: generators only). Set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from bench.llm import ModelAbsent
 

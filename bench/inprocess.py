@@ -68,18 +68,25 @@ class ModelFiles:
         }
 
 
-def ort_session(path: Path, threads: int, device: str = "cpu") -> Any:
+def spins(generator: bool) -> bool:
+    """Whether the server's default (`--intra-op-spinning auto`) lets this kind of session's threads spin."""
+    from server.config import Spinning
+
+    return Spinning.AUTO.spins(generator)
+
+
+def ort_session(path: Path, threads: int, device: str = "cpu", generator: bool = False) -> Any:
     """An ONNX Runtime session set up as the server sets up its own (server/runtime.py): the same intra-op threads,
-    no spinning, all graph optimizations, the CUDA provider first when asked for. The comparison measures what
-    the server adds around the same runtime, not a difference of settings."""
+    spinning as the server's default does it (a generator's threads spin, an encoder's do not), all graph
+    optimizations, the CUDA provider first when asked for. The comparison measures what the server adds around
+    the same runtime, not a difference of settings."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # Spinning threads waste the CPU that the other side (and, on a shared machine, other jobs) needs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spins(generator) else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
@@ -179,7 +186,7 @@ class Decoder:
 
     def __init__(self, model: ModelFiles, variant: str = "fp32", threads: int = 0, device: str = "cpu") -> None:
         self.model = model
-        self.session = ort_session(model.onnx_path(variant), threads, device)
+        self.session = ort_session(model.onnx_path(variant), threads, device, generator=True)
         self.tokenizer = _tokenizer(model)
         arch = model.config["architecture"]
         self.layers = int(arch["num_layers"])
@@ -351,8 +358,9 @@ def measure_torch_no_cache(
 def genai_folder(model: ModelFiles, variant: str, threads: int, work: Path) -> Path:
     """A folder onnxruntime-genai can load for `variant` of `model`: links to the version folder's files and a
     genai_config.json that names the variant's file (the exported one names the fp32 file) and sets the
-    session as the server sets its own (server/runtime.py): the same intra-op threads, no spinning, all graph
-    optimizations. Its search settings are left as exported; the loop sets what it needs."""
+    session as the server sets its own (server/runtime.py): the same intra-op threads, spinning as for the
+    server's generators, all graph optimizations. Its search settings are left as exported; the loop sets what
+    it needs."""
     source = model.folder / "genai_config.json"
     if not source.is_file():
         raise FileNotFoundError(f"{model.folder}: no genai_config.json (not an onnxruntime-genai builder export)")
@@ -371,7 +379,7 @@ def genai_folder(model: ModelFiles, variant: str, threads: int, work: Path) -> P
     options["inter_op_num_threads"] = 1
     options["graph_optimization_level"] = "ORT_ENABLE_ALL"
     # a key onnxruntime-genai does not know is passed to the session as a config entry
-    options["session.intra_op.allow_spinning"] = "0"
+    options["session.intra_op.allow_spinning"] = "1" if spins(generator=True) else "0"
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
 

@@ -80,7 +80,14 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
     cuda = CudaOptions(
         settings.cuda_device_id, settings.cuda_memory_limit_mb, settings.cuda_arena_extend_strategy.value
     )
-    session = Session(path, settings.device, settings.intra_op_threads, settings.graph_optimization, cuda=cuda)
+    session = Session(
+        path,
+        settings.device,
+        settings.intra_op_threads,
+        settings.graph_optimization,
+        cuda=cuda,
+        spinning=settings.intra_op_spinning.spins(generator=config.kind == GENERATOR),
+    )
     queue_size = int(_batching(config, settings, "max_queue_size", 1024))
     version = str(config.version)
     if config.kind in ENCODERS:

@@ -119,6 +119,7 @@ class Session:
         optimization: GraphOptimization = GraphOptimization.ALL,
         io_binding: bool | None = None,
         cuda: CudaOptions | None = None,
+        spinning: bool = False,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = _OPTIMIZATION[optimization]
@@ -126,7 +127,9 @@ class Session:
             options.intra_op_num_threads = intra_op_threads
         # Inter-op parallelism does not help these sequential graphs; one thread keeps the core count honest.
         options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spinning (a worker waiting for its next piece of work busy-waits for a while before it sleeps) pays
+        # for back-to-back calls, a decode loop's; between an encoder's batches it takes CPU from the event loop.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         requested = requested_providers(device)
         cuda = cuda or CudaOptions()
         self.path = path

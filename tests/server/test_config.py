@@ -19,6 +19,11 @@ def test_defaults_and_flags():
     assert s.device_sampling is DeviceSampling.AUTO and s.device_sampling.enabled is None  # on a GPU
     for value, enabled in (("on", True), ("off", False)):
         assert load_settings(["--models", "m", "--device-sampling", value], {}).device_sampling.enabled is enabled
+    # ONNX Runtime's threads spin for generators (back-to-back decode steps), not for encoders, unless told.
+    assert s.intra_op_spinning.spins(generator=True) and not s.intra_op_spinning.spins(generator=False)
+    off = load_settings(["--models", "m"], {"NLPSERVE_INTRA_OP_SPINNING": "off"}).intra_op_spinning
+    assert not off.spins(generator=True)
+    assert load_settings(["--models", "m", "--intra-op-spinning", "on"], {}).intra_op_spinning.spins(generator=False)
 
 
 def test_environment_fills_what_flags_leave_unset():
@@ -96,3 +101,20 @@ def test_no_flag_takes_an_api_key(capsys):
     with pytest.raises(SystemExit):
         load_settings(["--models", "m", "--api-keys", "k1"], {})
     assert "unrecognized arguments: --api-keys" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, generator_spins, encoder_spins", [("auto", True, False), ("off", False, False)])
+def test_sessions_spin_as_told(quick_repo: Path, flag: str, generator_spins: bool, encoder_spins: bool) -> None:
+    from server.metrics import Metrics
+    from server.models import load_model
+    from server.repository import scan
+
+    settings = load_settings(["--models", str(quick_repo), "--device", "cpu", "--intra-op-spinning", flag], {})
+    for config in scan(quick_repo):
+        if config.name in ("docgpt", "sentiment"):
+            served = load_model(config, settings, Metrics())
+            options = served.session.session.get_session_options()
+            expected = generator_spins if config.name == "docgpt" else encoder_spins
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(expected))
+            if served.scheduler is not None:
+                served.scheduler.close()

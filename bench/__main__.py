@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # PyTorch's OpenMP threads spin while they wait for each other; on a busy machine a descheduled peer makes
     # every parallel region wait a time slice (measured here: 50x slower). ONNX Runtime sessions spin as the
-    # server's do (bench/inprocess.py: generators only). Set before torch is imported.
+    # server's do (bench/inprocess.py: by default, not at all). Set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from bench.llm import ModelAbsent
 

@@ -69,15 +69,15 @@ class ModelFiles:
 
 
 def spins(generator: bool) -> bool:
-    """Whether the server's default (`--intra-op-spinning auto`) lets this kind of session's threads spin."""
-    from server.config import Spinning
+    """Whether the server's default `--intra-op-spinning` lets this kind of session's threads spin."""
+    from server.config import Settings
 
-    return Spinning.AUTO.spins(generator)
+    return Settings.__dataclass_fields__["intra_op_spinning"].default.spins(generator)
 
 
 def ort_session(path: Path, threads: int, device: str = "cpu", generator: bool = False) -> Any:
     """An ONNX Runtime session set up as the server sets up its own (server/runtime.py): the same intra-op threads,
-    spinning as the server's default does it (a generator's threads spin, an encoder's do not), all graph
+    spinning as the server's default does it (`--intra-op-spinning`), all graph
     optimizations, the CUDA provider first when asked for. The comparison measures what the server adds around
     the same runtime, not a difference of settings."""
     import onnxruntime as ort

@@ -127,8 +127,8 @@ class Session:
             options.intra_op_num_threads = intra_op_threads
         # Inter-op parallelism does not help these sequential graphs; one thread keeps the core count honest.
         options.inter_op_num_threads = 1
-        # Spinning (a worker waiting for its next piece of work busy-waits for a while before it sleeps) pays
-        # for back-to-back calls, a decode loop's; between an encoder's batches it takes CPU from the event loop.
+        # Spinning (a worker waiting for its next piece of work busy-waits for a while before it sleeps): off by
+        # default, as it takes CPU from the event loop (docs/server.md, "Execution providers").
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         requested = requested_providers(device)
         cuda = cuda or CudaOptions()

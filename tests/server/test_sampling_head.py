@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from test_sampling import random_logits, random_params
+from test_shared_buffer import drive
 
 from server.config import Device
 from server.generation.model import make_generator
@@ -91,16 +92,6 @@ def test_same_tokens_and_logprobs_as_the_host_over_1000_random_batches():
 def tinyllama(llm_repo: Path) -> tuple[ModelConfig, Session]:
     config = ModelConfig.read(llm_repo / "tinyllama" / "1")
     return config, Session(config.path / "model.onnx", Device.CPU)
-
-
-def drive(scheduler: GenerationScheduler) -> None:
-    while scheduler._waiting or scheduler._active or scheduler._prefilling:
-        with scheduler._cond:
-            admitted = scheduler._admit()
-        events: list = []
-        scheduler._iterate(admitted, events)
-        for sink, event in events:
-            sink(event)
 
 
 @pytest.mark.parametrize("chunk", [0, 3])

@@ -113,9 +113,15 @@ def sample_batch(
     return tokens, logprobs
 
 
-def finite_rows(logits: np.ndarray | DeviceLogits) -> np.ndarray:
-    """Per row (B,): no NaN and no +inf among its logits (a row that has one has no next token)."""
+def finite_rows(logits: np.ndarray | DeviceLogits, samplers: Sequence[Sampler] = ()) -> np.ndarray:
+    """Per row (B,): no NaN and no +inf among its logits (a row that has one has no next token). On the device,
+    with the `samplers` that will draw from these logits: the flags come from the head's run at the width they
+    will ask for (one run a step), or from the host copy when every row will need the whole array anyway."""
     if isinstance(logits, DeviceLogits):
+        ranked, width, _ = _device_rows(samplers, logits.vocab)
+        if samplers and not ranked:
+            return finite_rows(logits.host())
+        logits.top(width)
         return logits.finite()
     return logits.max(axis=-1) < np.inf  # one pass: max is NaN when any value is
 
@@ -160,14 +166,7 @@ def _sample_device(logits: DeviceLogits, samplers: Sequence[Sampler]) -> list[in
     the others from the whole rows, copied to the host. The candidates are the logits of the host's ranking
     (`_ranked`), in its order, so every row gets the token the host path would give it."""
     vocab = logits.vocab
-    ranked, width, rest = [], 1, []
-    for i, s in enumerate(samplers):
-        p = s.params
-        if not s._count and (_argmax_only(p) or 0 < p.top_k < vocab):
-            ranked.append(i)
-            width = max(width, 1 if _argmax_only(p) else p.top_k)
-        else:
-            rest.append(i)
+    ranked, width, rest = _device_rows(samplers, vocab)
     tokens = [0] * len(samplers)
     if ranked:
         values, order = logits[ranked].top(width)
@@ -188,6 +187,20 @@ def _sample_device(logits: DeviceLogits, samplers: Sequence[Sampler]) -> list[in
         rest.sort()
         _tokens_of(tokens, rest, _sample(logits[rest].host(), [samplers[i] for i in rest]))
     return tokens
+
+
+def _device_rows(samplers: Sequence[Sampler], vocab: int) -> tuple[list[int], int, list[int]]:
+    """Which rows draw from the device's candidates (no penalty to apply; argmax, or top-k under the vocabulary),
+    the width of candidates they need (at least 1), and the other rows (drawn from the whole rows)."""
+    ranked, width, rest = [], 1, []
+    for i, s in enumerate(samplers):
+        p = s.params
+        if not s._count and (_argmax_only(p) or 0 < p.top_k < vocab):
+            ranked.append(i)
+            width = max(width, 1 if _argmax_only(p) else p.top_k)
+        else:
+            rest.append(i)
+    return ranked, width, rest
 
 
 def _sample_penalised(logits: np.ndarray, rows: list[int], samplers: Sequence[Sampler]) -> list[int]:

@@ -549,7 +549,7 @@ class GenerationScheduler:
     def _accept(self, seqs: list[_Sequence], logits, events: list[tuple[Sink, Event]]) -> list[int]:
         """Samples each sequence's next token, emits its text; returns the rows that go on. A row whose logits
         hold NaN or +inf has no next token (argmax would return garbage): that sequence fails alone."""
-        broken = ~finite_rows(logits)
+        broken = ~finite_rows(logits, [s.sampler for s in seqs])
         if not broken.any():
             return self._accept_rows(seqs, logits, events)
         for row in np.flatnonzero(broken):

@@ -6,6 +6,7 @@ with NaN or +inf; and a decoder with it decodes the same tokens through the sche
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 from pathlib import Path
@@ -30,6 +31,16 @@ def on_device(x: np.ndarray, vocab: int | None = None) -> DeviceLogits:
     """Logits (B, T, V) as the model's output OrtValue, with a CPU head over their first `vocab` columns."""
     head = SamplingHead(vocab or x.shape[-1], x.dtype, [CPU])
     return DeviceLogits(head, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x)))
+
+
+def counted(function, counts: collections.Counter, name: str):
+    """`function`, counting its calls in counts[name]."""
+
+    def call(*args):
+        counts[name] += 1
+        return function(*args)
+
+    return call
 
 
 def test_head_ranks_as_the_host_does_ties_included():
@@ -60,6 +71,11 @@ def test_non_finite_rows_are_flagged_as_on_the_host():
     x[4, 0, 5] = -np.inf
     assert finite_rows(on_device(x)).tolist() == finite_rows(x[:, 0]).tolist() == [True, False, False, True, True]
     assert finite_rows(on_device(x)[[4, 1]]).tolist() == [True, False]
+    # rows that all need the whole array (temperature alone) take the flags from its host copy
+    whole = [Sampler(SamplingParams(temperature=0.7), i, []) for i in range(5)]
+    assert finite_rows(on_device(x), whole).tolist() == [True, False, False, True, True]
+    top = [Sampler(SamplingParams(temperature=0.7, top_k=3), i, []) for i in range(5)]
+    assert finite_rows(on_device(x), top).tolist() == [True, False, False, True, True]
 
 
 def test_same_tokens_and_logprobs_as_the_host_over_1000_random_batches():
@@ -108,6 +124,10 @@ def test_a_decoder_with_the_head_decodes_the_same_tokens(tinyllama, chunk: int) 
     for sampling in (False, True):
         model = make_generator(config, session, 3, device_sampling=sampling)
         assert (model.head is not None) == sampling
+        runs: collections.Counter[str] = collections.Counter()
+        if sampling:  # count the head's runs against the decode steps
+            model.head.rank = counted(model.head.rank, runs, "head")
+            model.decode = counted(model.decode, runs, "decode")
         scheduler = GenerationScheduler(model, max_active_sequences=3, max_queue_size=8, prefill_chunk_tokens=chunk)
         results: dict[int, list] = {}
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -119,4 +139,6 @@ def test_a_decoder_with_the_head_decodes_the_same_tokens(tinyllama, chunk: int) 
             assert events and all(not isinstance(e, BaseException) for e in events), events
         outputs[sampling] = {i: [(e.token_ids, e.logprobs) for e in events] for i, events in results.items()}
         assert model.pool.free == model.pool.slots
+        if sampling:  # the non-finite flags come from the run that ranks the candidates: one run a step
+            assert 0 < runs["head"] <= runs["decode"], runs
     assert outputs[True] == outputs[False]

@@ -551,6 +551,7 @@ class KServeServicer:
                 max_active_sequences=d.max_active_sequences,
                 max_new_tokens=d.max_new_tokens,
                 default_max_new_tokens=d.default_max_new_tokens,
+                kv_cache_tokens=d.kv_cache_tokens,
             )
         else:
             config.dynamic_batching.preferred_batch_size.append(d.max_batch_size)

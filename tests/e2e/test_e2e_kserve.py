@@ -192,6 +192,10 @@ def test_model_config(oip, stub):
     required = [i.name for i in config.input if not i.optional]
     assert required == ["text_input"]
     assert [(o.name, o.data_type) for o in config.output] == [("text_output", pb.TYPE_STRING)]
+    limits = stub.GetModel(nl.GetModelRequest(name="docgpt"), timeout=TIMEOUT).limits
+    assert limits.kv_cache_tokens > 0
+    assert config.parameters["kv_cache_tokens"].string_value == str(limits.kv_cache_tokens)
+    assert config.parameters["max_new_tokens"].string_value == str(limits.max_new_tokens)
 
 
 def test_repository_index(oip):

@@ -116,8 +116,17 @@ async def serve(
     )
     health = HealthServicer()
 
-    def unhealthy(name: str) -> None:  # from a worker thread
-        asyncio.run_coroutine_threadsafe(health.set(name, NOT_SERVING), loop)
+    def unhealthy(name: str) -> None:  # from a worker thread: the model's device failed
+        asyncio.run_coroutine_threadsafe(device_lost(name), loop)
+
+    async def device_lost(name: str) -> None:
+        # A failed device needs a new process: the model, and with it the whole server, turn NOT_SERVING (HTTP
+        # /health 503, ServerReady false), so that readiness takes the replica out of rotation and liveness
+        # restarts it. Until then the other models answer whatever still reaches them.
+        if front is not None:
+            front.serving = False
+        for service in (name, SERVICE_NAME, ""):
+            await health.set(service, NOT_SERVING)
 
     hub, gate = ModelHub(loading=tuple(c.name for c in configs), on_unhealthy=unhealthy), Gate()
     servicer = InferenceServicer(hub, metrics, gate, settings.unread_stream_seconds)

@@ -38,13 +38,15 @@ class InProcessServer:
         self.stop_event: asyncio.Event | None = None
         self.exit_code: int | None = None
         self.ready = threading.Event()
+        self.ports: list[int] = []  # gRPC, metrics, HTTP (-1: off), once ready
         self.thread = threading.Thread(target=self._main)
 
     def _main(self) -> None:
         async def go() -> int:
             self.loop, self.stop_event = asyncio.get_running_loop(), asyncio.Event()
             return await app.serve(
-                self.settings, self.registry, self.stop_event, on_ready=lambda *_: self.ready.set()
+                self.settings, self.registry, self.stop_event,
+                on_ready=lambda *ports: (self.ports.extend(ports), self.ready.set()),
             )
 
         self.exit_code = asyncio.run(go())
@@ -153,5 +155,78 @@ def test_unexpected_error_is_internal_generic_and_logged(models, monkeypatch, ca
         assert "secret detail of the failure" in caplog.text  # the details went to the log
         assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
     finally:
+        srv.stop()
+    assert srv.exit_code == 0
+
+
+def test_a_failed_device_turns_the_whole_server_not_serving(models, monkeypatch):
+    """A CUDA error that leaves the device unusable (injected where ONNX Runtime would raise it: only a GPU
+    raises it for real) fails the request with UNAVAILABLE; the model, the whole server's health, HTTP /health
+    and the OIP's ServerReady turn NOT_SERVING, so that probes take the replica out and restart it; the other
+    model still answers."""
+    import urllib.error
+    import urllib.request
+
+    import onnxruntime as ort
+
+    from server.servicers.oip import grpc_service_pb2 as oip_pb
+    from server.servicers.oip import grpc_service_pb2_grpc
+
+    broken = threading.Event()
+    real_run, real_bound = ort.InferenceSession.run, ort.InferenceSession.run_with_iobinding
+
+    def failing(real):
+        def run(self, *args, **kwargs):
+            if broken.is_set() and any(o.name.startswith("present") for o in self.get_outputs()):
+                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 700: an illegal memory access")
+            return real(self, *args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(ort.InferenceSession, "run", failing(real_run))
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", failing(real_bound))
+    port = free_port()
+    settings = load_settings(
+        ["--models", str(models), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1",
+         "--http-port", "0"], {}
+    )
+    srv = InProcessServer(settings, CollectorRegistry())
+
+    def http_status() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{srv.ports[2]}/health", timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    srv.thread.start()
+    try:
+        assert srv.ready.wait(120)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert http_status() == 200 and oip.ServerReady(oip_pb.ServerReadyRequest(), timeout=30).ready
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+            assert next(watch).status == SERVING
+
+            broken.set()
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.Generate(pb.GenerateRequest(model="docgpt", prompt="def"), timeout=30)
+            assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert next(watch).status == NOT_SERVING  # the next change of "": no polling, no timing
+            watch.cancel()
+            for service in ("", "nlpserve.v1.InferenceService", "docgpt"):
+                request = health_pb2.HealthCheckRequest(service=service)
+                assert health.Check(request, timeout=30).status == NOT_SERVING, service
+            assert health.Check(health_pb2.HealthCheckRequest(service="sentiment"), timeout=30).status == SERVING
+            assert http_status() == 503
+            assert not oip.ServerReady(oip_pb.ServerReadyRequest(), timeout=30).ready
+            with pytest.raises(grpc.RpcError) as exc:  # refused at once, the device untouched
+                stub.Generate(pb.GenerateRequest(model="docgpt", prompt="def"), timeout=30)
+            assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert stub.Classify(pb.ClassifyRequest(texts=["fine"]), timeout=30).results  # the other model
+    finally:
+        broken.clear()
         srv.stop()
     assert srv.exit_code == 0

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import urllib.error
+import urllib.request
 
 import grpc
+import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
@@ -20,6 +23,8 @@ from client.proto import inference_pb2_grpc
 from server import app
 from server.config import load_settings
 from server.errors import StartupError
+from server.servicers.oip import grpc_service_pb2 as oip_pb
+from server.servicers.oip import grpc_service_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -164,14 +169,6 @@ def test_a_failed_device_turns_the_whole_server_not_serving(models, monkeypatch)
     raises it for real) fails the request with UNAVAILABLE; the model, the whole server's health, HTTP /health
     and the OIP's ServerReady turn NOT_SERVING, so that probes take the replica out and restart it; the other
     model still answers."""
-    import urllib.error
-    import urllib.request
-
-    import onnxruntime as ort
-
-    from server.servicers.oip import grpc_service_pb2 as oip_pb
-    from server.servicers.oip import grpc_service_pb2_grpc
-
     broken = threading.Event()
     real_run, real_bound = ort.InferenceSession.run, ort.InferenceSession.run_with_iobinding
 

@@ -71,7 +71,8 @@ def test_non_finite_rows_are_flagged_as_on_the_host():
     x[4, 0, 5] = -np.inf
     assert finite_rows(on_device(x)).tolist() == finite_rows(x[:, 0]).tolist() == [True, False, False, True, True]
     assert finite_rows(on_device(x)[[4, 1]]).tolist() == [True, False]
-    # rows that all need the whole array (temperature alone) take the flags from its host copy
+    # the same flags when the step's samplers are given: all needing the whole array (their flags from its host
+    # copy), or top-k (from the head's run at k)
     whole = [Sampler(SamplingParams(temperature=0.7), i, []) for i in range(5)]
     assert finite_rows(on_device(x), whole).tolist() == [True, False, False, True, True]
     top = [Sampler(SamplingParams(temperature=0.7, top_k=3), i, []) for i in range(5)]

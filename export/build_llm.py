@@ -36,7 +36,10 @@ PRECISIONS = {"fp32": "fp32", "int4": "int4", "fp16": "fp16"}
 # the shared-buffer contract); for CUDA with GroupQueryAttention, which ONNX Runtime's CPU provider also runs,
 # so the fp16 variant is verified here even though it is meant for GPUs.
 TARGETS = {"fp32": "cpu", "int4": "cpu", "fp16": "cuda"}
-# fp32 against PyTorch fp32: logits at every step, and every greedy token.
+# fp32 against PyTorch fp32: logits at every step, and every greedy token. The bound is on the largest difference
+# relative to the largest logit of that step (at least 1, as the embedder's): a 30-layer model's logits reach
+# 20-30, and the same fp32 arithmetic summed in another order differs by 1.1e-4 absolute on one CPU (SmolLM2,
+# AVX-512) and less than 1e-4 on another (AVX2), about 5e-6 relative on both.
 PARITY_BOUND = 1e-4
 # Weight-only int4 and fp16 change the numbers by design: their gate is greedy agreement with PyTorch (its own
 # greedy tokens fed back, so one early difference does not decide the rest) and perplexity on held-out text.
@@ -214,16 +217,19 @@ def _reference_logits(model: Any, ids: list[int]) -> np.ndarray:
 
 def parity(model: Any, served: Any, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
     """Greedy decoding of `prompts` together through the served graph; at every step its logits are compared
-    with PyTorch recomputing each whole sequence, and its token with PyTorch's argmax."""
+    with PyTorch recomputing each whole sequence (the largest difference, absolute and relative to the largest
+    logit, at least 1), and its token with PyTorch's argmax."""
     logits, cache = served.prefill(prompts)
     sequences = [list(p) for p in prompts]
-    worst, agree, steps = 0.0, 0, 0
+    worst, relative, agree, steps = 0.0, 0.0, 0, 0
     try:
         for step in range(new_tokens):
             tokens = []
             for row, seq in enumerate(sequences):
                 ref = _reference_logits(model, seq)[: logits.shape[1]]
-                worst = max(worst, float(np.abs(logits[row].astype(np.float64) - ref).max()))
+                diff = float(np.abs(logits[row].astype(np.float64) - ref).max())
+                worst = max(worst, diff)
+                relative = max(relative, diff / max(float(np.abs(ref).max()), 1.0))
                 token = int(logits[row].argmax())
                 agree += int(token == int(ref.argmax()))
                 steps += 1
@@ -233,7 +239,7 @@ def parity(model: Any, served: Any, prompts: list[list[int]], new_tokens: int) -
                 logits, cache = served.decode(tokens, [len(s) - 1 for s in sequences], cache)
     finally:
         cache.release()
-    return {"max_abs_diff": worst, "token_agreement": agree / steps, "new_tokens": new_tokens}
+    return {"max_abs_diff": worst, "max_rel_diff": relative, "token_agreement": agree / steps, "new_tokens": new_tokens}
 
 
 def agreement(model: Any, served: Any, prompt: list[int], new_tokens: int) -> float:
@@ -402,21 +408,24 @@ def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
         fp32: dict[str, Any] = {"new_tokens": new_tokens}
         for label, batch in (("batch1", prompt_ids[:1]), ("batch3", prompt_ids)):
             result = parity(model, served, batch, new_tokens)
-            fp32[label] = {"max_abs_diff": result["max_abs_diff"]}
-            if result["max_abs_diff"] > PARITY_BOUND or result["token_agreement"] < 1.0:
+            fp32[label] = {"max_abs_diff": result["max_abs_diff"], "max_rel_diff": result["max_rel_diff"]}
+            if result["max_rel_diff"] > PARITY_BOUND or result["token_agreement"] < 1.0:
                 raise VerificationError(
-                    f"{opts.name} fp32 ({label}): logits differ from PyTorch by {result['max_abs_diff']:.3g} "
-                    f"(bound {PARITY_BOUND:g}); greedy tokens agree on {result['token_agreement']:.1%} (all wanted)"
+                    f"{opts.name} fp32 ({label}): logits differ from PyTorch by {result['max_rel_diff']:.3g} relative "
+                    f"to the largest ({result['max_abs_diff']:.3g} absolute; bound {PARITY_BOUND:g}); greedy tokens "
+                    f"agree on {result['token_agreement']:.1%} (all wanted)"
                 )
-        fp32["max_abs_diff"] = max(fp32["batch1"]["max_abs_diff"], fp32["batch3"]["max_abs_diff"])
+        for key in ("max_abs_diff", "max_rel_diff"):
+            fp32[key] = max(fp32["batch1"][key], fp32["batch3"][key])
+        fp32["bound"], fp32["bound_kind"] = PARITY_BOUND, "relative"
         fp32["token_identical"] = True
         quality["fp32"] = fp32
         held_out = tokenizer.encode(HELD_OUT).ids[: min(128, context)]
         reference_ppl = perplexity_torch(model, held_out)
         quality["fp32"]["perplexity"] = round(perplexity_onnx(served, held_out), 4)
-        logger.info("%s fp32: max abs diff %.3g over %d greedy tokens (batch 1 and 3), identical; perplexity %.3f "
-                    "(PyTorch %.3f)", opts.name, fp32["max_abs_diff"], new_tokens, quality["fp32"]["perplexity"],
-                    reference_ppl)
+        logger.info("%s fp32: max diff %.3g relative (%.3g absolute) over %d greedy tokens (batch 1 and 3), "
+                    "identical; perplexity %.3f (PyTorch %.3f)", opts.name, fp32["max_rel_diff"], fp32["max_abs_diff"],
+                    new_tokens, quality["fp32"]["perplexity"], reference_ppl)
         for variant in opts.variants:
             served_variant = served_model(version_dir, config, files[variant])
             agree = agreement(model, served_variant, prompt_ids[0], new_tokens)
@@ -554,7 +563,7 @@ def import_onnx(folder: Path, opts: LlmOptions, version_dir: Path, checkpoint: P
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
         result = parity(model, served, prompt_ids, new_tokens)
         quality = {"reference": f"PyTorch ({checkpoint})", **result}
-        bad = result["token_agreement"] < 1.0 or (variant == "fp32" and result["max_abs_diff"] > PARITY_BOUND)
+        bad = result["token_agreement"] < 1.0 or (variant == "fp32" and result["max_rel_diff"] > PARITY_BOUND)
     else:
         reference = genai_reference(folder, prompt_ids, new_tokens)
         ours = served_greedy(served, prompt_ids, new_tokens, set(eos_ids))

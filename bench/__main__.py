@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX Runtime intra-op threads, server and in-process alike (default: usable CPUs)")
     common.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     common.add_argument("--variant", choices=["fp32", "fp16", "int8", "opt"], default="fp32")
+    common.add_argument("--kv-cache", choices=["concat", "shared-buffer"], default="concat",
+                        help="--sizes sized: GPT-2-small's graph, torch.onnx's concatenating one (default) or the "
+                        "slot cache's (export generator --kv-cache shared-buffer)")
     common.add_argument("--rounds", type=int, help="alternating rounds per comparison (default: the plan's)")
     common.add_argument("--no-profile", action="store_true", help="all: skip the py-spy profiles")
     common.add_argument("--no-torch", action="store_true", help="skip the PyTorch no-KV-cache baseline")
@@ -207,8 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if sizes in ("sized", "both"):
             needed = {"classify": (models.BERT_BASE,), "generate": (models.GPT2_SMALL,)}.get(
                 args.command, (models.BERT_BASE, models.GPT2_SMALL))
-            sets.append((models.sized_repository(args.rebuild_models, args.variant, needed), models.BERT_BASE,
-                         models.GPT2_SMALL))
+            sets.append((models.sized_repository(args.rebuild_models, args.variant, needed, args.kv_cache),
+                         models.BERT_BASE, models.GPT2_SMALL))
 
     notes = [NOISE_NOTE]
     if args.command != "baseline":
@@ -226,7 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "plan": dataclasses.asdict(llm_plan) if args.command == "llm" else suite.plan_dict(plan),
         "settings": {"device": args.device,
                      **({"variants": list(llm_plan.variants)} if args.command == "llm" else {"variant": args.variant}),
-                     "intra_op_threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+                     "intra_op_threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                     **({"kv_cache": args.kv_cache} if args.kv_cache != "concat" else {})},
         "texts": "the llm plan's built-in instructions" if args.command == "llm" else texts.source,
         "notes": notes,
     }

@@ -248,6 +248,48 @@ class Decoder:
         return first, clock() - t0
 
 
+class SlotDecoder(Decoder):
+    """The same loop for a shared-buffer graph (`onnx.kv_cache: "shared_buffer"`), through the server's own
+    generator class on the slot cache (server/generation/model.py), without its scheduler: each prompt prefilled
+    into its slot, then one decode step over all the rows per token, greedy."""
+
+    def __init__(self, model: ModelFiles, variant: str = "fp32", threads: int = 0, device: str = "cpu") -> None:
+        from server.config import Device
+        from server.generation.model import SharedBufferGenerator
+        from server.repository import ModelConfig
+        from server.runtime import Session
+
+        self.model = model
+        self.tokenizer = _tokenizer(model)
+        self.context = int(model.config["max_sequence_length"])
+        self.pad = model.config["special_tokens"].get("pad") or 0
+        self.slots = 64  # the most streams a plan measures
+        session = Session(model.onnx_path(variant), Device(device), threads, spinning=spins(True))
+        self.generator = SharedBufferGenerator(ModelConfig.read(model.folder), session, self.slots)
+
+    def __call__(self, prompts: Sequence[list[int]], max_new_tokens: int) -> tuple[float, float]:
+        t0 = clock()
+        logits, cache = self.generator.prefill(prompts)
+        first = 0.0
+        try:
+            for step in range(max_new_tokens):
+                # on a GPU the step's logits stay there: the sampling head's top 1 is the argmax
+                next_ids = logits.argmax(axis=-1) if isinstance(logits, np.ndarray) else logits.top(1)[1][:, 0]
+                if step == 0:
+                    first = clock() - t0
+                if step + 1 < max_new_tokens:
+                    logits, cache = self.generator.decode(next_ids.tolist(), [0] * len(prompts), cache)
+        finally:
+            cache.release()
+        return first, clock() - t0
+
+
+def make_decoder(model: ModelFiles, variant: str = "fp32", threads: int = 0, device: str = "cpu") -> Decoder:
+    """The in-process decode loop for the model's KV-cache contract."""
+    shared = model.config.get("onnx", {}).get("kv_cache") == "shared_buffer"
+    return (SlotDecoder if shared else Decoder)(model, variant, threads, device)
+
+
 def _repeat(
     generate: Callable[[Any, int], tuple[float, float]], inputs: Sequence[Any], max_new_tokens: int, duration_s: float
 ) -> tuple[list[float], list[float]]:

@@ -93,14 +93,18 @@ def demo_repository(models: Path | None = None, rebuild: bool = False) -> Path:
 
 
 def sized_repository(
-    rebuild: bool = False, variant: str = "fp32", names: tuple[str, ...] = (BERT_BASE, GPT2_SMALL)
+    rebuild: bool = False, variant: str = "fp32", names: tuple[str, ...] = (BERT_BASE, GPT2_SMALL),
+    kv_cache: str = "concat",
 ) -> Path:
     """A BERT-base-sized classifier (12 layers, hidden 768) and a GPT-2-small-sized generator (12 layers, hidden
     768, GPT-2's 50,257-token vocabulary and 1,024 positions: 124M parameters), random weights (speed does not
-    depend on them), exported by the project's exporter."""
-    repo = CACHE / "sized"
+    depend on them), exported by the project's exporter. `kv_cache` "shared-buffer": the generator's graph is
+    the slot cache's (`export generator --kv-cache shared-buffer`, the same weights: same seed, no training), in
+    a repository of its own (`sized-slots`)."""
+    repo = CACHE / ("sized" if kv_cache == "concat" else "sized-slots")
     extra = [] if variant == "fp32" else [VARIANT_FLAGS[variant]]
-    for name, args in ((BERT_BASE, CLASSIFIER_ARGS), (GPT2_SMALL, GENERATOR_ARGS)):
+    generator_args = GENERATOR_ARGS + ([] if kv_cache == "concat" else ["--kv-cache", kv_cache])
+    for name, args in ((BERT_BASE, CLASSIFIER_ARGS), (GPT2_SMALL, generator_args)):
         if name not in names:
             continue
         if rebuild or not has_model(repo, name) or not has_variant(repo, name, variant):

@@ -354,7 +354,7 @@ def bench_generator(
     plan = ctx.plan
     model = inprocess.ModelFiles.find(repository, name)
     tokens = plan.max_new_tokens
-    decoder = inprocess.Decoder(model, ctx.variant, ctx.threads, ctx.device)
+    decoder = inprocess.make_decoder(model, ctx.variant, ctx.threads, ctx.device)
     prompts = decoder.fitting(ctx.texts.prompts, tokens)
     torch_loop = inprocess.TorchNoCache(model, ctx.threads) if with_torch else None
     result: dict[str, Any] = {"model": model.summary(), "max_new_tokens": tokens}
@@ -462,7 +462,7 @@ def bench_baselines(ctx: Context, repository: Path, classifier: str | None, gene
         }
     if generator:
         model = inprocess.ModelFiles.find(repository, generator)
-        decoder = inprocess.Decoder(model, ctx.variant, ctx.threads, ctx.device)
+        decoder = inprocess.make_decoder(model, ctx.variant, ctx.threads, ctx.device)
         torch_loop = inprocess.TorchNoCache(model, ctx.threads)
         result[generator] = {
             "model": model.summary(),

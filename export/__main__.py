@@ -188,6 +188,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=_fraction, default=0.1)
     g.add_argument("--verify-tokens", type=_positive, default=64, help="greedy tokens in the parity check")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--kv-cache", choices=["concat", "shared-buffer"],
+                   help="GPT-2: the graph's KV-cache contract (default concat: torch.onnx's graph, past and new "
+                        "concatenated at every step; shared-buffer: GroupQueryAttention writing into one "
+                        "preallocated buffer, served from slots, as the Llama family is). Llama-family models are "
+                        "always shared-buffer")
     _variant_options(g)
     g.add_argument("--int4", action="store_true",
                    help="Llama family: model.int4.onnx, int4 weight-only (MatMulNBits, for CPUs)")
@@ -341,7 +346,7 @@ def run_generator(args: argparse.Namespace) -> dict[str, Any]:
         layers=args.layers, heads=args.heads, width=args.width, context=args.context or 256, vocab_size=args.vocab_size,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         val_fraction=args.val_fraction, seed=args.seed, variants=_variants(args), verify_tokens=args.verify_tokens,
-        command=_command(),
+        kv_cache=(args.kv_cache or "concat").replace("-", "_"), command=_command(),
     )
     # Only this version's folder is written: other versions of the model stay beside it.
     with staged_output(args.out / str(args.version), args.force) as stage:
@@ -357,6 +362,8 @@ def run_llm(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.optimize or args.int8:
         raise ExportError("Llama-family imports have --int4 and --fp16 variants (not --optimize or --int8)")
+    if args.kv_cache == "concat":
+        raise ExportError("Llama-family graphs are shared-buffer only (--kv-cache concat is for GPT-2)")
     variants = tuple(v for v, on in (("int4", args.int4), ("fp16", args.fp16)) if on)
     if args.default_variant != "fp32" and args.default_variant not in variants:
         raise ExportError(f"--default-variant {args.default_variant} needs --{args.default_variant}")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from export import generator as gen
-from export import variants
+from export import gpt2_shared_buffer, variants
 from export.errors import ExportError, VerificationError
 from export.onnx_export import export_generator, generator_names
 from export.repository import FORMAT_VERSION, GENERATOR_BATCHING, OPSET, VARIANT_FILES, provenance, write_json
@@ -45,6 +45,9 @@ class GeneratorOptions:
     seed: int = 0
     variants: tuple[str, ...] = ()
     verify_tokens: int = VERIFY_TOKENS
+    # "concat": torch.onnx's graph, whose present is past + new (the concatenating cache, kv_cache.py);
+    # "shared_buffer": the GroupQueryAttention graph of gpt2_shared_buffer.py (the slot cache, slot_cache.py).
+    kv_cache: str = "concat"
     command: list[str] | None = None
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -77,6 +80,8 @@ def _prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 
 def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
+    if opts.kv_cache == "shared_buffer" and opts.variants:  # before any training
+        raise ExportError("--kv-cache shared-buffer writes the fp32 graph only (no --optimize, --fp16 or --int8 yet)")
     torch.manual_seed(opts.seed)
     started = time.monotonic()
     figures: dict[str, Any] = {}
@@ -122,8 +127,12 @@ def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
 
     version_dir.mkdir(parents=True, exist_ok=True)
     fp32_path = version_dir / VARIANT_FILES["fp32"]
+    shared = opts.kv_cache == "shared_buffer"
     t0 = time.monotonic()
-    export_generator(model, fp32_path)
+    if shared:
+        gpt2_shared_buffer.write_gpt2(model, fp32_path)
+    else:
+        export_generator(model, fp32_path)
     figures["export_seconds"] = round(time.monotonic() - t0, 1)
 
     pad_id = eos_id if eos_id is not None else 0
@@ -131,7 +140,47 @@ def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
     new_tokens = max(1, min(opts.verify_tokens, config.n_positions - max(len(p) for p in prompts)))
     parity: dict[str, Any] = {}
     t0 = time.monotonic()
-    for label, batch in (("batch1", prompts[2:]), ("batch3", prompts)):
+    tokenizer.save(str(version_dir / "tokenizer.json"))
+    specials = special_ids(tokenizer, loaded.eos)
+    # GPT-2 has one special token: it begins and ends documents, and pads (under attention_mask 0).
+    specials["bos"] = specials["bos"] if specials["bos"] is not None else eos_id
+    specials["pad"] = specials["pad"] if specials["pad"] is not None else eos_id
+    architecture = {
+        "model_type": "gpt2",
+        "num_layers": config.n_layer,
+        "num_heads": config.n_head,
+        "head_size": config.n_embd // config.n_head,
+        "hidden_size": config.n_embd,
+        "vocab_size": config.vocab_size,
+        "tokenizer_vocab_size": tokenizer.get_vocab_size(),
+        "context_length": config.n_positions,
+    }
+    if shared:
+        architecture["num_kv_heads"] = config.n_head
+        input_names, output_names = gpt2_shared_buffer.graph_names(config.n_layer)
+        onnx_section = {"opset": gpt2_shared_buffer.OPSET, "kv_cache": "shared_buffer", "inputs": input_names,
+                        "outputs": output_names, "exporter": "nlpserve (GroupQueryAttention, export/gpt2_shared_buffer.py)"}
+    else:
+        input_names, output_names = generator_names(config.n_layer)
+        onnx_section = {"opset": OPSET, "inputs": input_names, "outputs": output_names}
+    repo_config: dict[str, Any] = {
+        # format version 2 brought onnx.kv_cache: a version-1 reader would take this graph for the concat one
+        "format_version": 2 if shared else FORMAT_VERSION,
+        "name": opts.name,
+        "version": opts.version,
+        "kind": "generator",
+        "labels": [],
+        "max_sequence_length": config.n_positions,
+        "pooling": None,
+        "special_tokens": specials,
+        "architecture": architecture,
+        "onnx": {**onnx_section, "variants": {"fp32": fp32_path.name}},
+        "batching": dict(GENERATOR_BATCHING),
+        "generation": {"default_max_new_tokens": 64, "max_new_tokens": min(512, config.n_positions)},
+    }
+    if shared:  # verified through the server's own shared-buffer generator, as the Llama family is
+        parity["fp32"] = _shared_buffer_parity(model, version_dir, repo_config, prompts, new_tokens)
+    for label, batch in (() if shared else (("batch1", prompts[2:]), ("batch3", prompts))):
         result = generator_parity(model, fp32_path, batch, new_tokens=new_tokens, pad_id=pad_id)
         if result["max_abs_diff"] > PARITY_BOUND or result["token_agreement"] < 1.0:
             raise VerificationError(
@@ -161,34 +210,9 @@ def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
             parity[variant] = result
             files[variant] = path.name
 
-    tokenizer.save(str(version_dir / "tokenizer.json"))
-    specials = special_ids(tokenizer, loaded.eos)
-    # GPT-2 has one special token: it begins and ends documents, and pads (under attention_mask 0).
-    specials["bos"] = specials["bos"] if specials["bos"] is not None else eos_id
-    specials["pad"] = specials["pad"] if specials["pad"] is not None else eos_id
-    input_names, output_names = generator_names(config.n_layer)
+    repo_config["onnx"]["variants"] = files
     write_json(version_dir / "config.json", {
-        "format_version": FORMAT_VERSION,
-        "name": opts.name,
-        "version": opts.version,
-        "kind": "generator",
-        "labels": [],
-        "max_sequence_length": config.n_positions,
-        "pooling": None,
-        "special_tokens": specials,
-        "architecture": {
-            "model_type": "gpt2",
-            "num_layers": config.n_layer,
-            "num_heads": config.n_head,
-            "head_size": config.n_embd // config.n_head,
-            "hidden_size": config.n_embd,
-            "vocab_size": config.vocab_size,
-            "tokenizer_vocab_size": tokenizer.get_vocab_size(),
-            "context_length": config.n_positions,
-        },
-        "onnx": {"opset": OPSET, "inputs": input_names, "outputs": output_names, "variants": files},
-        "batching": dict(GENERATOR_BATCHING),
-        "generation": {"default_max_new_tokens": 64, "max_new_tokens": min(512, config.n_positions)},
+        **repo_config,
         "provenance": {
             **provenance(loaded.source, opts.corpus_description or "none", opts.command),
             **({"training": {k: figures[k] for k in ("train_steps", "train_tokens", "train_loss")}}
@@ -199,6 +223,32 @@ def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
     })
     figures.update(parity=parity, eval=eval_figures, seconds=round(time.monotonic() - started, 1),
                    path=str(version_dir), vocab_size=config.vocab_size, tokenizer_vocab_size=tokenizer.get_vocab_size())
+    return figures
+
+
+def _shared_buffer_parity(
+    model: Any, version_dir: Path, config: dict[str, Any], prompts: list[list[int]], new_tokens: int
+) -> dict[str, Any]:
+    """The shared-buffer graph through the server's own generator (each prompt in its own slot, decoded together)
+    against PyTorch: the Llama family's check and bound (build_llm.parity, relative to the largest logit)."""
+    from export import build_llm
+
+    served = build_llm.served_model(version_dir, config, VARIANT_FILES["fp32"])
+    figures: dict[str, Any] = {"new_tokens": new_tokens, "token_identical": True,
+                               "bound": build_llm.PARITY_BOUND, "bound_kind": "relative"}
+    for label, batch in (("batch1", prompts[2:]), ("batch3", prompts)):
+        result = build_llm.parity(model, served, batch, new_tokens)
+        if result["max_rel_diff"] > build_llm.PARITY_BOUND or result["token_agreement"] < 1.0:
+            raise VerificationError(
+                f"generator fp32 ({label}): logits differ by {result['max_rel_diff']:.3g} relative to the largest "
+                f"(bound {build_llm.PARITY_BOUND:g}), greedy tokens agree on {result['token_agreement']:.1%} of "
+                f"{new_tokens} steps (all wanted)"
+            )
+        figures[label] = {"max_abs_diff": result["max_abs_diff"], "max_rel_diff": result["max_rel_diff"]}
+        logger.info("generator fp32 %s (shared buffer): max diff %.3g relative over %d greedy tokens, identical",
+                    label, result["max_rel_diff"], new_tokens)
+    for key in ("max_abs_diff", "max_rel_diff"):
+        figures[key] = max(figures["batch1"][key], figures["batch3"][key])
     return figures
 
 

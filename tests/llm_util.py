@@ -156,6 +156,19 @@ and with that token), "prompt_ids" (the templated conversation)}."""
     return facts
 
 
+def gpt2_checkpoint(folder: Path, seed: int = 0) -> None:
+    """A tiny random GPT-2 checkpoint folder (2 layers, 4 heads, width 64, context 128) with a GPT-2-style
+    byte-level tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer(folder, pre="gpt-2")
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=eos, eos_token_id=eos, attn_implementation="eager")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+
+
 def run_export(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m export ARGS` in a child process, output captured."""
     return subprocess.run(

@@ -1,4 +1,5 @@
-"""The shared-buffer decoder path (GroupQueryAttention graphs, slot_cache.py) on a tiny exported Llama: slots
+"""The shared-buffer decoder path (GroupQueryAttention graphs, slot_cache.py) on a tiny exported Llama, and on a
+tiny GPT-2 exported with `--kv-cache shared-buffer` (its own graph writer, positions from the mask): slots
 are taken lowest first and freed on leave, rows with holes between them decode exactly as each sequence
 alone, and the scheduler returns every slot when its requests end; chunked prefill writes a prompt over
 several steps with the same result, beside running streams, and a cancel or a deadline stops it between
@@ -24,9 +25,10 @@ from server.runtime import Session
 from server.types import GenerateRequest, SamplingParams
 
 
-@pytest.fixture(scope="module")
-def generator(llm_repo: Path) -> SharedBufferGenerator:
-    config = ModelConfig.read(llm_repo / "tinyllama" / "1")
+@pytest.fixture(scope="module", params=["tinyllama", "gpt2slots"])
+def generator(request: pytest.FixtureRequest) -> SharedBufferGenerator:
+    repo: Path = request.getfixturevalue("gpt2_repo" if request.param.startswith("gpt2") else "llm_repo")
+    config = ModelConfig.read(repo / request.param / "1")
     model = make_generator(config, Session(config.path / "model.onnx", Device.CPU), 4)
     assert isinstance(model, SharedBufferGenerator)
     return model

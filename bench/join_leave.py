@@ -5,7 +5,9 @@ prefilled, its cache joined to the batch's) and leaves again, timed together, in
 - the shared-buffer slot cache (SmolLM2, `models/smollm2`, server/generation/slot_cache.py): the join writes the
   prompt into a free slot and the leave frees it; nothing else moves;
 - the concatenating cache (GPT-2-small size, `.cache/bench-models/sized/gpt2-small`, kv_cache.py): the join
-  pads and copies every layer's keys and values of all 17 rows, the leave gathers 16 of them again.
+  pads and copies every layer's keys and values of all 17 rows, the leave gathers 16 of them again;
+- the slot cache on the same GPT-2-small weights (`.cache/bench-models/sized-slots/gpt2-small`, exported with
+  `--kv-cache shared-buffer`; `python -m bench generate --sizes sized --kv-cache shared-buffer` builds it).
 
 The ratio 512/64 of the median join+leave time says whether the cost grows with the context held (the issue's
 target: at most 1.5). Both sides run in this process, in alternating rounds; 2 threads for ONNX Runtime.
@@ -72,6 +74,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slot-model", type=Path, default=ROOT / "models" / "smollm2")
     parser.add_argument("--concat-model", type=Path, default=ROOT / ".cache" / "bench-models" / "sized" / "gpt2-small")
+    parser.add_argument("--gpt2-slot-model", type=Path,
+                        default=ROOT / ".cache" / "bench-models" / "sized-slots" / "gpt2-small")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
@@ -79,7 +83,8 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sides = {}
-    for label, folder in (("slot cache", args.slot_model), ("concatenating cache", args.concat_model)):
+    for label, folder in (("slot cache", args.slot_model), ("concatenating cache", args.concat_model),
+                          ("slot cache, GPT-2-small", args.gpt2_slot_model)):
         if not folder.is_dir():
             print(f"{label}: {folder} is missing; skipped")
             continue

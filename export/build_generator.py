@@ -4,6 +4,7 @@ a checkpoint), evaluate, export with the KV cache, verify, write the model folde
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,9 @@ def _prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 
 def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
-    if opts.kv_cache == "shared_buffer" and opts.variants:  # before any training
-        raise ExportError("--kv-cache shared-buffer writes the fp32 graph only (no --optimize, --fp16 or --int8 yet)")
+    if opts.kv_cache == "shared_buffer" and "opt" in opts.variants:  # before any training
+        raise ExportError("--kv-cache shared-buffer has no --optimize variant: its graph is written with the "
+                          "fused operators already (int8 and fp16 are there)")
     torch.manual_seed(opts.seed)
     started = time.monotonic()
     figures: dict[str, Any] = {}
@@ -199,7 +201,13 @@ def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
         spec = variants.Spec(kind="generator", model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd)
         for variant in opts.variants:
             path = version_dir / VARIANT_FILES[variant]
-            facts = variants.produce(variant, spec, fp32_path, path)
+            facts = variants.produce(variant, spec, fp32_path, path, written_fused=shared)
+            if shared:
+                result = _shared_buffer_variant(variant, model, version_dir, repo_config, path.name, prompts,
+                                                new_tokens, tokenizer, val_docs, eos_id, eval_figures)
+                parity[variant] = {**result, **facts}
+                files[variant] = path.name
+                continue
             result = variants.verify_generator(variant, model, path, prompts, new_tokens, pad_id)
             result.update(facts)
             if val_docs:
@@ -249,6 +257,34 @@ def _shared_buffer_parity(
                     label, result["max_rel_diff"], new_tokens)
     for key in ("max_abs_diff", "max_rel_diff"):
         figures[key] = max(figures["batch1"][key], figures["batch3"][key])
+    return figures
+
+
+def _shared_buffer_variant(
+    variant: str, model: Any, version_dir: Path, config: dict[str, Any], filename: str, prompts: list[list[int]],
+    new_tokens: int, tokenizer: Any, val_docs: list[str], eos_id: int | None, eval_figures: dict[str, Any],
+) -> dict[str, Any]:
+    """A variant of the shared-buffer graph, through the server's generator: the variant's parity bounds
+    (variants.check_generator), and its loss on held-out text against PyTorch's (the 2% rule of
+    check_val_loss_delta; one token a step, as the head sees the last position only)."""
+    from export import build_llm
+
+    try:
+        served = build_llm.served_model(version_dir, config, filename)
+    except Exception as exc:  # ONNX Runtime raises its own types for a graph it cannot load
+        raise VerificationError(f"generator {variant}: the graph does not load: {str(exc).splitlines()[0][:300]}") from exc
+    result = {**build_llm.parity(model, served, prompts, new_tokens), "provider": "CPUExecutionProvider"}
+    figures = variants.check_generator(variant, result)
+    if val_docs and "val_loss" in eval_figures:
+        held_out = gen.encode_documents(tokenizer, val_docs, eos_id)[: min(128, config["max_sequence_length"])].tolist()
+        if len(held_out) > 1:
+            delta = math.log(build_llm.perplexity_onnx(served, held_out)) - math.log(
+                build_llm.perplexity_torch(model, held_out))
+            figures["val_loss_delta"] = round(delta, 4)
+            figures["val_loss_tokens"] = len(held_out)
+            variants.check_val_loss_delta(variant, delta, eval_figures["val_loss"])
+    logger.info("generator %s (shared buffer): max diff %.3g, greedy agreement %.0f%%", variant,
+                figures.get("max_rel_diff", figures["max_abs_diff"]), 100 * figures["token_agreement"])
     return figures
 
 

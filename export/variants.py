@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from torch import nn
 
@@ -83,14 +84,17 @@ def _optimize(spec: Spec, source: Path) -> Any:
     return model
 
 
-def _quantize(fp32: Path, out: Path, per_channel: bool = False) -> None:
+def _quantize(fp32: Path, out: Path, per_channel: bool = False, contrib_ops: bool = False) -> None:
     """Dynamic int8 quantization of the unfused graph: the quantizer knows MatMul and Gather, not the fused
     contrib operators. `per_channel`: a scale per output column instead of per tensor (embedders: it lifts
-    MiniLM's least cosine with fp32 from 0.92 to 0.97 for 0.5% more bytes)."""
+    MiniLM's least cosine with fp32 from 0.92 to 0.97 for 0.5% more bytes). `contrib_ops`: the graph has
+    com.microsoft operators (GroupQueryAttention), whose outputs ONNX's shape inference cannot type: float32."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(fp32))
+    if contrib_ops:
+        _untie_gemm_weights(model)
     # The dynamo exporter records intermediate shapes from the example inputs (a batch of 2, say); the
     # quantizer's shape inference then finds them at odds with the dynamic axes. It infers its own.
     del model.graph.value_info[:]
@@ -100,20 +104,51 @@ def _quantize(fp32: Path, out: Path, per_channel: bool = False) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process goes to the root logger
     try:
-        quantize_dynamic(str(unannotated), str(out), weight_type=QuantType.QInt8, per_channel=per_channel)
+        extra = {"op_types_to_quantize": ["MatMul"],
+                 "extra_options": {"DefaultTensorType": onnx.TensorProto.FLOAT}} if contrib_ops else {}
+        quantize_dynamic(str(unannotated), str(out), weight_type=QuantType.QInt8, per_channel=per_channel, **extra)
     finally:
         root.setLevel(level)
         unannotated.unlink(missing_ok=True)
 
 
-def produce(variant: str, spec: Spec, fp32: Path, out: Path, fusable: Path | None = None) -> dict[str, Any]:
+def _untie_gemm_weights(model: Any) -> None:
+    """A Gemm weight that another node also reads (a tied head: GPT-2's token embedding, gathered at the input)
+    becomes a copy of its own: the quantizer rewrites a Gemm as a MatMul and transposes its weight in place,
+    which would break the other reader."""
+    from onnx import numpy_helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or node.input[1] not in weights:
+            continue
+        if sum(node.input[1] in other.input for other in model.graph.node) > 1:
+            copy = numpy_helper.from_array(numpy_helper.to_array(weights[node.input[1]]), f"{node.name}/weight")
+            model.graph.initializer.append(copy)
+            node.input[1] = copy.name
+
+
+def produce(
+    variant: str, spec: Spec, fp32: Path, out: Path, fusable: Path | None = None, written_fused: bool = False
+) -> dict[str, Any]:
     """Writes `out` from the fp32 graph (`fusable`, when given, is the graph to fuse for opt and fp16); returns
-    facts about it (the fused operators)."""
+    facts about it (the fused operators). `written_fused`: the graph was written with the fused operators
+    already (export/gpt2_shared_buffer.py), which the optimizer's pattern matching does not take: no opt
+    variant, and fp16 converts it as it is."""
     try:
         if variant == "int8":
             per_channel = spec.kind == "embedder"
-            _quantize(fp32, out, per_channel)
+            _quantize(fp32, out, per_channel, contrib_ops=written_fused)
             return {"per_channel": True} if per_channel else {}
+        if written_fused:
+            if variant != "fp16":
+                raise ExportError(f"the {variant} variant: this graph is written with its fused operators already")
+            from onnxruntime.transformers.onnx_model import OnnxModel
+
+            model = OnnxModel(onnx.load(str(fp32)))
+            model.convert_float_to_float16(keep_io_types=["logits"])
+            model.save_model_to_file(str(out))
+            return {}
         model = _optimize(spec, fusable or fp32)
         fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
         if variant == "fp16":
@@ -167,6 +202,12 @@ def verify_generator(
 ) -> dict[str, Any]:
     providers = _providers(variant)
     result = generator_parity(model, path, prompts, new_tokens=new_tokens, pad_id=pad_id, providers=providers)
+    return {**check_generator(variant, result), "providers": providers}
+
+
+def check_generator(variant: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A generator variant's parity figures (`max_abs_diff`, `max_rel_diff`, `token_agreement`, `provider`)
+    against the variant's bounds: VerificationError when out of them, else the figures to record."""
     bound, agreement = BOUNDS[variant], GENERATOR_AGREEMENT[variant]
     measured = result["max_rel_diff" if RELATIVE[variant] else "max_abs_diff"]
     if not np.isfinite(measured) or measured > bound or result["token_agreement"] < agreement:
@@ -177,7 +218,7 @@ def verify_generator(
         )
     figures = {
         "max_abs_diff": result["max_abs_diff"], "bound": bound, "token_agreement": result["token_agreement"],
-        "verified_on": result["provider"], "providers": providers,
+        "verified_on": result["provider"],
     }
     if RELATIVE[variant]:
         figures.update(max_rel_diff=result["max_rel_diff"], bound_kind="relative")

@@ -60,13 +60,15 @@ def llm_repo(llm_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="session")
 def gpt2_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny random GPT-2 checkpoint (tests/llm_util.py) exported twice: `gpt2concat` (torch.onnx's graph,
-    the concatenating cache) and `gpt2slots` (`--kv-cache shared-buffer`: GroupQueryAttention on the slot cache)."""
+    the concatenating cache) and `gpt2slots` (`--kv-cache shared-buffer --int8 --fp16`: GroupQueryAttention on
+    the slot cache)."""
     from llm_util import gpt2_checkpoint, run_export
 
     checkpoint = tmp_path_factory.mktemp("gpt2-checkpoint")
     gpt2_checkpoint(checkpoint)
     out = tmp_path_factory.mktemp("gpt2-repo") / "models"
-    for name, kv_cache in (("gpt2concat", "concat"), ("gpt2slots", "shared-buffer")):
-        result = run_export("generator", "--import", str(checkpoint), "--kv-cache", kv_cache, "--out", str(out / name))
+    for name, extra in (("gpt2concat", ["--kv-cache", "concat"]),
+                        ("gpt2slots", ["--kv-cache", "shared-buffer", "--int8", "--fp16"])):
+        result = run_export("generator", "--import", str(checkpoint), *extra, "--out", str(out / name))
         assert result.returncode == 0, f"export of {name} failed:\n{result.stdout}\n{result.stderr[-3000:]}"
     return out

@@ -55,14 +55,41 @@ def test_served_tokens_match_the_concatenating_graph(gpt2_repo: Path, chunk: str
             assert slots.finish_reason == concat.finish_reason
 
 
+def test_the_int8_and_fp16_variants_are_verified_and_served(gpt2_repo: Path) -> None:
+    config = config_of(gpt2_repo / "gpt2slots")
+    assert config["onnx"]["variants"] == {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+    for variant, bound in (("int8", 1.0), ("fp16", 0.02)):
+        figures = config["quality"]["parity"][variant]
+        assert figures["bound"] == bound and figures["max_rel_diff"] <= bound, variant
+    graph = onnx.load(str(gpt2_repo / "gpt2slots" / "1" / "model.fp16.onnx")).graph
+    past = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the slot cache in float16
+    for variant in ("int8", "fp16"):
+        with ServerProcess(gpt2_repo, ["--variant", variant]) as srv, Client(srv.target) as client:
+            answer = client.generate("The quick brown fox", model="gpt2slots", max_new_tokens=8)
+        assert answer.token_ids and answer.finish_reason in ("length", "eos"), variant
+
+
+def test_a_trained_models_variant_is_held_to_its_held_out_loss(tmp_path: Path) -> None:
+    result = run_export("generator", "--corpus", "builtin:quick", "--layers", "2", "--heads", "2", "--width", "64",
+                        "--context", "64", "--vocab-size", "300", "--steps", "30", "--kv-cache", "shared-buffer",
+                        "--int8", "--out", str(tmp_path / "models" / "trained"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = config_of(tmp_path / "models" / "trained")
+    int8 = config["quality"]["parity"]["int8"]
+    # the loss on held-out tokens through the served int8 graph against PyTorch's: within the 2% rule
+    assert int8["val_loss_tokens"] == 64 and abs(int8["val_loss_delta"]) <= max(0.05, 0.02 * config["quality"]["eval"]["val_loss"])
+
+
 def test_variants_and_llama_concat_are_refused(llm_checkpoints, tmp_path: Path) -> None:
     checkpoint = tmp_path / "gpt2"
     gpt2_checkpoint(checkpoint)
-    result = run_export("generator", "--import", str(checkpoint), "--kv-cache", "shared-buffer", "--int8",
+    result = run_export("generator", "--import", str(checkpoint), "--kv-cache", "shared-buffer", "--optimize",
                         "--out", str(tmp_path / "models" / "x"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --kv-cache shared-buffer writes the fp32 graph only (no --optimize, --fp16 or --int8 yet)"
+        "error: --kv-cache shared-buffer has no --optimize variant: its graph is written with the fused operators "
+        "already (int8 and fp16 are there)"
     )
     assert not (tmp_path / "models").exists()
     result = run_export("generator", "--import", str(llm_checkpoints["llama"]), "--kv-cache", "concat",

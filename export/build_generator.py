@@ -181,7 +181,13 @@ def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
         "generation": {"default_max_new_tokens": 64, "max_new_tokens": min(512, config.n_positions)},
     }
     if shared:  # verified through the server's own shared-buffer generator, as the Llama family is
-        parity["fp32"] = _shared_buffer_parity(model, version_dir, repo_config, prompts, new_tokens)
+        from export import build_llm
+
+        served = build_llm.served_model(version_dir, repo_config, fp32_path.name)
+        parity["fp32"] = build_llm.fp32_parity(model, served, {"batch1": prompts[2:], "batch3": prompts},
+                                               new_tokens, "generator")
+        logger.info("generator fp32 (shared buffer): max diff %.3g relative over %d greedy tokens (batch 1 and 3), "
+                    "identical", parity["fp32"]["max_rel_diff"], new_tokens)
     for label, batch in (() if shared else (("batch1", prompts[2:]), ("batch3", prompts))):
         result = generator_parity(model, fp32_path, batch, new_tokens=new_tokens, pad_id=pad_id)
         if result["max_abs_diff"] > PARITY_BOUND or result["token_agreement"] < 1.0:
@@ -231,32 +237,6 @@ def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
     })
     figures.update(parity=parity, eval=eval_figures, seconds=round(time.monotonic() - started, 1),
                    path=str(version_dir), vocab_size=config.vocab_size, tokenizer_vocab_size=tokenizer.get_vocab_size())
-    return figures
-
-
-def _shared_buffer_parity(
-    model: Any, version_dir: Path, config: dict[str, Any], prompts: list[list[int]], new_tokens: int
-) -> dict[str, Any]:
-    """The shared-buffer graph through the server's own generator (each prompt in its own slot, decoded together)
-    against PyTorch: the Llama family's check and bound (build_llm.parity, relative to the largest logit)."""
-    from export import build_llm
-
-    served = build_llm.served_model(version_dir, config, VARIANT_FILES["fp32"])
-    figures: dict[str, Any] = {"new_tokens": new_tokens, "token_identical": True,
-                               "bound": build_llm.PARITY_BOUND, "bound_kind": "relative"}
-    for label, batch in (("batch1", prompts[2:]), ("batch3", prompts)):
-        result = build_llm.parity(model, served, batch, new_tokens)
-        if result["max_rel_diff"] > build_llm.PARITY_BOUND or result["token_agreement"] < 1.0:
-            raise VerificationError(
-                f"generator fp32 ({label}): logits differ by {result['max_rel_diff']:.3g} relative to the largest "
-                f"(bound {build_llm.PARITY_BOUND:g}), greedy tokens agree on {result['token_agreement']:.1%} of "
-                f"{new_tokens} steps (all wanted)"
-            )
-        figures[label] = {"max_abs_diff": result["max_abs_diff"], "max_rel_diff": result["max_rel_diff"]}
-        logger.info("generator fp32 %s (shared buffer): max diff %.3g relative over %d greedy tokens, identical",
-                    label, result["max_rel_diff"], new_tokens)
-    for key in ("max_abs_diff", "max_rel_diff"):
-        figures[key] = max(figures["batch1"][key], figures["batch3"][key])
     return figures
 
 

@@ -242,6 +242,27 @@ def parity(model: Any, served: Any, prompts: list[list[int]], new_tokens: int) -
     return {"max_abs_diff": worst, "max_rel_diff": relative, "token_agreement": agree / steps, "new_tokens": new_tokens}
 
 
+def fp32_parity(
+    model: Any, served: Any, batches: dict[str, list[list[int]]], new_tokens: int, name: str
+) -> dict[str, Any]:
+    """`parity` for each labelled batch of prompts, held to PARITY_BOUND (relative) and every greedy token:
+    VerificationError when out of it, else the figures config.json records."""
+    figures: dict[str, Any] = {"new_tokens": new_tokens}
+    for label, batch in batches.items():
+        result = parity(model, served, batch, new_tokens)
+        figures[label] = {"max_abs_diff": result["max_abs_diff"], "max_rel_diff": result["max_rel_diff"]}
+        if result["max_rel_diff"] > PARITY_BOUND or result["token_agreement"] < 1.0:
+            raise VerificationError(
+                f"{name} fp32 ({label}): logits differ from PyTorch by {result['max_rel_diff']:.3g} relative "
+                f"to the largest ({result['max_abs_diff']:.3g} absolute; bound {PARITY_BOUND:g}); greedy tokens "
+                f"agree on {result['token_agreement']:.1%} (all wanted)"
+            )
+    for key in ("max_abs_diff", "max_rel_diff"):
+        figures[key] = max(figures[label][key] for label in batches)
+    figures.update(bound=PARITY_BOUND, bound_kind="relative", token_identical=True)
+    return figures
+
+
 def agreement(model: Any, served: Any, prompt: list[int], new_tokens: int) -> float:
     """Teacher-forced greedy agreement: PyTorch's greedy tokens are fed to the graph, and at each step the
     graph's argmax is compared with PyTorch's."""
@@ -405,20 +426,7 @@ def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
         quality: dict[str, Any] = {}
         t0 = time.monotonic()
         served = served_model(version_dir, config, files["fp32"])
-        fp32: dict[str, Any] = {"new_tokens": new_tokens}
-        for label, batch in (("batch1", prompt_ids[:1]), ("batch3", prompt_ids)):
-            result = parity(model, served, batch, new_tokens)
-            fp32[label] = {"max_abs_diff": result["max_abs_diff"], "max_rel_diff": result["max_rel_diff"]}
-            if result["max_rel_diff"] > PARITY_BOUND or result["token_agreement"] < 1.0:
-                raise VerificationError(
-                    f"{opts.name} fp32 ({label}): logits differ from PyTorch by {result['max_rel_diff']:.3g} relative "
-                    f"to the largest ({result['max_abs_diff']:.3g} absolute; bound {PARITY_BOUND:g}); greedy tokens "
-                    f"agree on {result['token_agreement']:.1%} (all wanted)"
-                )
-        for key in ("max_abs_diff", "max_rel_diff"):
-            fp32[key] = max(fp32["batch1"][key], fp32["batch3"][key])
-        fp32["bound"], fp32["bound_kind"] = PARITY_BOUND, "relative"
-        fp32["token_identical"] = True
+        fp32 = fp32_parity(model, served, {"batch1": prompt_ids[:1], "batch3": prompt_ids}, new_tokens, opts.name)
         quality["fp32"] = fp32
         held_out = tokenizer.encode(HELD_OUT).ids[: min(128, context)]
         reference_ppl = perplexity_torch(model, held_out)

@@ -5,8 +5,9 @@ Inputs `input_ids` (batch, sequence) and `attention_mask` (batch, total); per la
 (batch, heads, max_length, head_size), which the server binds to the same memory as `present.{i}.key|value`:
 each layer's GroupQueryAttention (com.microsoft; as many key/value heads as query heads, no rotary) writes the new
 tokens' keys and values in place, at each row's length, so nothing is concatenated or copied at a step (the
-torch.onnx export of GPT-2 concatenates past and new into a fresh present at every step: 19% of a 16-row decode
-step of GPT-2-small on 2 CPU cores). Output `logits` (batch, 1, vocabulary): the last position's only.
+torch.onnx export of GPT-2 concatenates past and new into a fresh present at every step: 19% of the profiled kernel
+time of a 16-row decode step of GPT-2-small on 2 CPU cores). Output `logits` (batch, 1, vocabulary): the last
+position's only.
 
 GPT-2 adds a learned position embedding, which the Llama-family graphs do not have (they rotate inside the
 attention op). Its positions come from the mask, as the op's own lengths do: a row of `total` ones whose call

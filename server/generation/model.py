@@ -318,13 +318,18 @@ class SharedBufferGenerator(GeneratorModel):
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, SlotCache]:
-        """Each prompt into a free slot of its own; returns last-position logits (B, vocab) and the cache."""
+        """Each prompt into a free slot of its own (prompts of one length in neighbouring slots in one call:
+        `batchable`; the caller bounds the batch); returns last-position logits (B, vocab) and the cache."""
         slots: list[int] = []
         rows = []
         try:
-            for ids in prompts:
+            for _ in prompts:
                 slots.append(self.pool.take())
-                rows.append(self.prefill_chunk(slots[-1], ids, 0))
+            start = 0
+            while start < len(prompts):
+                end = start + batchable([len(p) for p in prompts[start:]], slots[start:], math.inf)
+                rows.append(self.prefill_rows(slots[start], prompts[start:end]))
+                start = end
         except BaseException:
             self.pool.release(slots)
             raise
@@ -336,10 +341,25 @@ class SharedBufferGenerator(GeneratorModel):
         """Writes the prompt tokens `ids` into `slot` after the `done` tokens it holds (chunked prefill: the op
         attends to those and to the chunk, causally); returns the chunk's last-position logits (1, vocab).
         Raises Interrupted when `interrupt` fires (the slot then holds a partial chunk: free it)."""
+        return self.prefill_rows(slot, [ids], done, interrupt)
+
+    def prefill_rows(
+        self,
+        first_slot: int,
+        prompts: Sequence[Sequence[int]],
+        done: int = 0,
+        interrupt: Interrupt | None = None,
+    ) -> np.ndarray:
+        """Writes prompt tokens of one length into the neighbouring slots `first_slot`, `first_slot` + 1, ...,
+        after the `done` tokens each holds, in one call; returns their last-position logits (B, vocab). One
+        length, because the graph's logits are those of the last position, which is each row's last token
+        only when no row is padded. The rows share the weights' reads: 16 prompts of 35 tokens cost SmolLM2
+        (fp32, 2 CPU cores) half the time of 16 calls."""
         binding = self.session.session.io_binding()
-        self._bind_cache(binding, slot, 1)
-        input_ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        return self._run(binding, input_ids, np.ones((1, done + input_ids.shape[1]), dtype=np.int64), interrupt)
+        self._bind_cache(binding, first_slot, len(prompts))
+        input_ids = np.asarray(prompts, dtype=np.int64).reshape(len(prompts), -1)
+        mask = np.ones((len(prompts), done + input_ids.shape[1]), dtype=np.int64)
+        return self._run(binding, input_ids, mask, interrupt)
 
     def decode(
         self,
@@ -369,6 +389,21 @@ class SharedBufferGenerator(GeneratorModel):
             self._decode_binding = (span, binding)
         logits = self._run(self._decode_binding[1], input_ids, mask, on_device=True)
         return logits[cache.slots], SlotCache(self.pool, cache.slots, [n + 1 for n in cache.lengths])
+
+
+def batchable(lengths: Sequence[int], slots: Sequence[int], budget: float) -> int:
+    """How many of the prompts (their `lengths`, in `slots`) from the first on one `prefill_rows` call writes
+    whole: those of the first's length in the slots right after the first's, within `budget` tokens. At least
+    1 (the first alone, whatever its length)."""
+    n = 1
+    while (
+        n < len(lengths)
+        and lengths[n] == lengths[0]
+        and slots[n] == slots[0] + n
+        and (n + 1) * lengths[0] <= budget
+    ):
+        n += 1
+    return n
 
 
 def make_generator(

@@ -34,7 +34,7 @@ from ..metrics import GENERATE, Metrics
 from ..types import FinishReason, GenerateRequest, GenerationChunk, Timings, Usage, join_chunks
 from .detokenize import IncrementalDetokenizer
 from .kv_cache import KVCache
-from .model import GeneratorModel, Interrupt, Interrupted, PreparedRequest, SharedBufferGenerator
+from .model import GeneratorModel, Interrupt, Interrupted, PreparedRequest, SharedBufferGenerator, batchable
 from .sampling import Sampler, finite_rows, sample_batch
 from .slot_cache import SlotCache
 from .stopping import StopMatcher
@@ -480,6 +480,10 @@ class GenerationScheduler:
             self._prefilling.append(seq)
         budget = self.prefill_chunk_tokens
         while budget > 0 and self._prefilling:
+            group = self._prefill_group(budget)
+            if len(group) > 1:
+                budget -= self._prefill_together(group, events)
+                continue
             seq = self._prefilling[0]
             ids = seq.prepared.prompt_ids
             n = min(len(ids) - seq.prefilled, budget)
@@ -507,6 +511,46 @@ class GenerationScheduler:
             self._join([seq], logits, SlotCache(model.pool, [seq.slot], [len(ids)]), events)
         with self._cond:
             self._gauges()
+
+    def _prefill_group(self, budget: int) -> list[_Sequence]:
+        """The prompts at the head of the prefill queue that one call writes whole within `budget` tokens (of
+        one length, not begun, in neighbouring slots: `batchable`); the head alone when there is no such pair."""
+        head = self._prefilling[0]
+        if head.prefilled:
+            return [head]
+        candidates = [head]
+        for seq in self._prefilling[1:]:
+            if seq.prefilled:
+                break
+            candidates.append(seq)
+        n = batchable([len(s.prepared.prompt_ids) for s in candidates], [s.slot for s in candidates], budget)
+        return candidates[:n]
+
+    def _prefill_together(self, group: list[_Sequence], events: list[tuple[Sink, Event]]) -> int:
+        """Writes the prompts of `group` (the head of the prefill queue) in one call; they join the batch.
+        Such a call is not interrupted: a cancel or a deadline takes effect when it ends (within the step's
+        budget of tokens), as for a decode step. Returns the prompt tokens written."""
+        model = self.model
+        assert isinstance(model, SharedBufferGenerator)
+        del self._prefilling[: len(group)]
+        slots = [s.slot for s in group]
+        started = time.monotonic()
+        try:
+            logits = model.prefill_rows(slots[0], [s.prepared.prompt_ids for s in group])
+        except Exception as exc:  # ends these sequences only
+            log.exception("model %s: a prefill of %d prompts failed", self.name, len(group))
+            model.pool.release(slots)
+            events.extend((seq.sink, exc) for seq in group)
+            return sum(len(s.prepared.prompt_ids) for s in group)
+        elapsed = time.monotonic() - started
+        lengths = [len(s.prepared.prompt_ids) for s in group]
+        for seq in group:
+            seq.prefill_seconds += elapsed
+            seq.prefilled = len(seq.prepared.prompt_ids)
+            if self._m is not None:
+                self._m_prefill.observe(seq.prefill_seconds)
+        self._join(group, logits, SlotCache(model.pool, slots, lengths), events)
+        return sum(lengths)
 
     def _run_chunk(self, seq: _Sequence, ids: list[int]) -> np.ndarray:
         """One chunk of `seq`'s prompt into its slot, stopped midway (Interrupted) by a cancel or its deadline."""

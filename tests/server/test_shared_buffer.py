@@ -17,7 +17,7 @@ import pytest
 
 from server.config import Device
 from server.errors import DeadlineExceeded
-from server.generation.model import SharedBufferGenerator, make_generator
+from server.generation.model import PreparedRequest, SharedBufferGenerator, batchable, make_generator
 from server.generation.scheduler import GenerationScheduler
 from server.generation.slot_cache import SlotCache, SlotPool
 from server.repository import ModelConfig
@@ -84,6 +84,49 @@ def test_rows_with_holes_decode_as_each_sequence_alone(generator: SharedBufferGe
     new_cache.release()
     assert generator.pool.free == 4
     assert int(new_logits[0].argmax()) == alone[3][0]
+
+
+def test_batchable_takes_prompts_of_one_length_in_neighbouring_slots() -> None:
+    assert batchable([5, 5, 5], [2, 3, 4], 100) == 3
+    assert batchable([5, 5, 4, 5], [0, 1, 2, 3], 100) == 2  # a prompt of another length ends the run
+    assert batchable([5, 5], [0, 2], 100) == 1  # not neighbours: one call binds consecutive rows
+    assert batchable([5, 5, 5], [0, 1, 2], 10) == 2  # within the budget
+    assert batchable([50, 50], [0, 1], 10) == 1  # the first alone, whatever its length
+
+
+def spy_rows(generator: SharedBufferGenerator) -> list[tuple[int, int]]:
+    """Records (first slot, rows) of every `prefill_rows` call on `generator` (undo: del generator.prefill_rows)."""
+    real, calls = generator.prefill_rows, []
+
+    def spy(first_slot, prompts, done=0, interrupt=None):
+        calls.append((first_slot, len(prompts)))
+        return real(first_slot, prompts, done, interrupt)
+
+    generator.prefill_rows = spy
+    return calls
+
+
+def test_prompts_of_one_length_are_prefilled_in_one_call(generator: SharedBufferGenerator) -> None:
+    """Three prompts of one length go into neighbouring slots in one call, the shorter fourth in its own; each
+    then decodes exactly as it does alone."""
+    prompts = [[5, 9, 30, 40], [100, 7, 8, 9], [3, 4, 5, 6], [200, 201]]
+    steps = 8
+    alone = [greedy_alone(generator, p, steps) for p in prompts]
+    calls = spy_rows(generator)
+    try:
+        logits, cache = generator.prefill(prompts)
+    finally:
+        del generator.prefill_rows
+    assert calls == [(0, 3), (3, 1)] and cache.slots == [0, 1, 2, 3]
+    outs: list[list[int]] = [[] for _ in prompts]
+    for _ in range(steps):
+        tokens = [int(t) for t in logits.argmax(-1)]
+        for out, token in zip(outs, tokens):
+            out.append(token)
+        logits, cache = generator.decode(tokens, [0] * len(tokens), cache)
+    cache.release()
+    assert outs == alone
+    assert generator.pool.free == generator.pool.slots
 
 
 def test_scheduler_returns_every_slot(generator: SharedBufferGenerator) -> None:
@@ -191,6 +234,33 @@ def test_chunked_prefill_beside_running_streams(generator: SharedBufferGenerator
     drive(scheduler)
     for name, max_new in (("a", 1), ("b", 10), ("c", 6)):
         alone = greedy_alone(generator, ids[name], max_new)
+        ends = [j for j, t in enumerate(alone) if t in generator.eos_ids]
+        assert tokens(results[name]) == (alone[: ends[0] + 1] if ends else alone), name
+    assert generator.pool.free == generator.pool.slots
+
+
+def test_a_burst_of_one_length_is_prefilled_together_beside_a_running_stream(
+    generator: SharedBufferGenerator,
+) -> None:
+    """Chunked prefill: three requests of one prompt length that arrive together while a stream decodes are
+    written in one call (their slots are neighbours above the running one); every stream gives the tokens it
+    gives alone, and every slot comes back."""
+    scheduler = GenerationScheduler(generator, max_active_sequences=4, max_queue_size=8, prefill_chunk_tokens=64)
+    results, sink_for = collect()
+    prompts = {"run": [100, 7, 8], "x": [5, 9, 30, 40], "y": [3, 4, 5, 6], "z": [11, 12, 13, 14]}
+    for name, max_new in (("run", 10), ("x", 5), ("y", 6), ("z", 4)):
+        request = GenerateRequest("tinyllama", "(the ids)", SamplingParams(max_new_tokens=max_new))
+        scheduler.submit(request, sink_for(name), prepared=PreparedRequest(request, prompts[name], max_new, 0))
+        if name == "run":
+            drive(scheduler, 1)
+    calls = spy_rows(generator)
+    try:
+        drive(scheduler)
+    finally:
+        del generator.prefill_rows
+    assert calls == [(1, 3)]
+    for name, max_new in (("run", 10), ("x", 5), ("y", 6), ("z", 4)):
+        alone = greedy_alone(generator, prompts[name], max_new)
         ends = [j for j, t in enumerate(alone) if t in generator.eos_ids]
         assert tokens(results[name]) == (alone[: ends[0] + 1] if ends else alone), name
     assert generator.pool.free == generator.pool.slots

@@ -45,11 +45,6 @@ class DeviceSampling(str, enum.Enum):
         return None if self is DeviceSampling.AUTO else self is DeviceSampling.ON
 
 
-class Switch(str, enum.Enum):
-    ON = "on"
-    OFF = "off"
-
-
 class Spinning(str, enum.Enum):
     """Whether ONNX Runtime's intra-op threads spin while they wait for work (`session.intra_op.allow_spinning`)."""
 
@@ -177,14 +172,6 @@ class Settings:
             "the running streams by one chunk at most (0: each prompt whole)"
         ),
     )
-    mixed_steps: Switch = field(
-        default=Switch.ON,
-        metadata=_help(
-            "shared-buffer generators exported with a mixed-step graph: a prompt of up to 256 tokens is "
-            "prefilled in the running streams' decode call, not a call of its own (one read of the weights for "
-            "both; a second session on the same file). off: each prefill alone"
-        ),
-    )
     device_sampling: DeviceSampling = field(
         default=DeviceSampling.AUTO,
         metadata=_help(
@@ -267,7 +254,6 @@ def _converter(opt: dataclasses.Field) -> Any:
         "ArenaExtend": ArenaExtend,
         "DeviceSampling": DeviceSampling,
         "Spinning": Spinning,
-        "Switch": Switch,
         "Device": Device,
         "Variant": Variant,
         "BatchPolicy": BatchPolicy,

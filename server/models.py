@@ -19,22 +19,14 @@ from typing import Any
 
 from .batching import DynamicBatcher, WorkTimes
 from .classify import ClassifierModel, EncoderModel
-from .config import Settings, Switch
+from .config import Settings
 from .embed import EmbedderModel
 from .errors import InvalidInput, ModelNotFound, Unavailable, shown
 from .generation.model import MAX_STOP_SEQUENCES, make_generator
 from .generation.sampling import greedy_tokens
 from .generation.scheduler import GenerationScheduler
 from .metrics import CLASSIFY, CLASSIFY_TOKENS, EMBED, Metrics
-from .repository import (
-    CLASSIFIER,
-    EMBEDDER,
-    ENCODERS,
-    GENERATOR,
-    KV_SHARED_BUFFER,
-    TOKEN_CLASSIFIER,
-    ModelConfig,
-)
+from .repository import CLASSIFIER, EMBEDDER, ENCODERS, GENERATOR, TOKEN_CLASSIFIER, ModelConfig
 from .runtime import CudaOptions, Session
 from .token_classify import TokenClassifierModel
 from .types import (
@@ -137,25 +129,12 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
         served = ServedModel(description, encoder=model, batcher=batcher, session=session)
     else:
         active = int(_batching(config, settings, "max_active_sequences", 16))
-        mixed_path = config.mixed_step_file(variant) if settings.mixed_steps is Switch.ON else None
-        mixed = None
-        # Mixed steps carry chunks of the chunked prefill (--prefill-chunk-tokens 0 turns it off).
-        if mixed_path is not None and config.kv_cache == KV_SHARED_BUFFER and settings.prefill_chunk_tokens > 0:
-            mixed = Session(
-                mixed_path,
-                settings.device,
-                settings.intra_op_threads,
-                settings.graph_optimization,
-                cuda=cuda,
-                spinning=settings.intra_op_spinning.spins(generator=True),
-            )
         model = make_generator(
             config,
             session,
             active,
             int(_batching(config, settings, "kv_cache_tokens", 0)),
             settings.device_sampling.enabled,
-            mixed,
         )
         description = ModelDescription(
             name=config.name,
@@ -191,11 +170,6 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             logits, cache = model.decode(
                 greedy_tokens(logits), [len(p) + step for p in prompts], cache
             )
-        if mixed is not None and model.pool.free and max(cache.lengths) < model.sequence_limit:
-            # the mixed-step graph's first call, not a client's
-            slot = model.pool.take()
-            model.decode_with_chunk(greedy_tokens(logits), cache, {}, slot, ids[:1], 0)
-            model.pool.release([slot])
         cache.release()
         served = ServedModel(description, scheduler=scheduler, session=session)
     log.info(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -514,15 +515,10 @@ class GenerationScheduler:
 
     def _prefill_group(self, budget: int) -> list[_Sequence]:
         """The prompts at the head of the prefill queue that one call writes whole within `budget` tokens (of
-        one length, not begun, in neighbouring slots: `batchable`); the head alone when there is no such pair."""
-        head = self._prefilling[0]
-        if head.prefilled:
-            return [head]
-        candidates = [head]
-        for seq in self._prefilling[1:]:
-            if seq.prefilled:
-                break
-            candidates.append(seq)
+        one length, not begun, in neighbouring slots: `batchable`); the head alone when fewer than two are not begun."""
+        candidates = list(itertools.takewhile(lambda s: not s.prefilled, self._prefilling))
+        if len(candidates) < 2:
+            return self._prefilling[:1]
         n = batchable([len(s.prepared.prompt_ids) for s in candidates], [s.slot for s in candidates], budget)
         return candidates[:n]
 
@@ -534,6 +530,7 @@ class GenerationScheduler:
         assert isinstance(model, SharedBufferGenerator)
         del self._prefilling[: len(group)]
         slots = [s.slot for s in group]
+        lengths = [len(s.prepared.prompt_ids) for s in group]
         started = time.monotonic()
         try:
             logits = model.prefill_rows(slots[0], [s.prepared.prompt_ids for s in group])
@@ -541,12 +538,11 @@ class GenerationScheduler:
             log.exception("model %s: a prefill of %d prompts failed", self.name, len(group))
             model.pool.release(slots)
             events.extend((seq.sink, exc) for seq in group)
-            return sum(len(s.prepared.prompt_ids) for s in group)
+            return sum(lengths)
         elapsed = time.monotonic() - started
-        lengths = [len(s.prepared.prompt_ids) for s in group]
-        for seq in group:
+        for seq, length in zip(group, lengths):
             seq.prefill_seconds += elapsed
-            seq.prefilled = len(seq.prepared.prompt_ids)
+            seq.prefilled = length
             if self._m is not None:
                 self._m_prefill.observe(seq.prefill_seconds)
         self._join(group, logits, SlotCache(model.pool, slots, lengths), events)

@@ -45,6 +45,15 @@ class DeviceSampling(str, enum.Enum):
         return None if self is DeviceSampling.AUTO else self is DeviceSampling.ON
 
 
+class Toggle(str, enum.Enum):
+    ON = "on"
+    OFF = "off"
+
+    @property
+    def on(self) -> bool:
+        return self is Toggle.ON
+
+
 class Spinning(str, enum.Enum):
     """Whether ONNX Runtime's intra-op threads spin while they wait for work (`session.intra_op.allow_spinning`)."""
 
@@ -172,6 +181,14 @@ class Settings:
             "the running streams by one chunk at most (0: each prompt whole)"
         ),
     )
+    prefix_caching: Toggle = field(
+        default=Toggle.ON,
+        metadata=_help(
+            "shared-buffer generators with chunked prefill: a prompt that begins with tokens a KV-cache slot "
+            "holds (a shared system prompt, an earlier turn) gets their keys and values copied from there and "
+            "is prefilled from there on; slots keep a finished prompt's until reused"
+        ),
+    )
     device_sampling: DeviceSampling = field(
         default=DeviceSampling.AUTO,
         metadata=_help(
@@ -254,6 +271,7 @@ def _converter(opt: dataclasses.Field) -> Any:
         "ArenaExtend": ArenaExtend,
         "DeviceSampling": DeviceSampling,
         "Spinning": Spinning,
+        "Toggle": Toggle,
         "Device": Device,
         "Variant": Variant,
         "BatchPolicy": BatchPolicy,

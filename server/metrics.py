@@ -94,7 +94,16 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "nlpserve_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=r
+            "nlpserve_prompt_tokens",
+            "Prompt tokens of the requests started (those reused from the KV cache too: nlpserve_prompt_tokens_cached).",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_tokens_cached = Counter(
+            "nlpserve_prompt_tokens_cached",
+            "Prompt tokens not prefilled: their keys and values were copied from the KV cache (prefix caching).",
+            ["model"],
+            registry=r,
         )
         self.generated_tokens = Counter(
             "nlpserve_generated_tokens",

@@ -160,6 +160,7 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             metrics=metrics,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             stream_interval=settings.stream_interval,
+            prefix_caching=settings.prefix_caching.on,
         )
         started = time.monotonic()
         # Within a sequence's limit (a short --kv-cache-tokens makes short slots): the prompt and 2 fed tokens.

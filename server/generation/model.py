@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,15 +196,8 @@ class GeneratorModel:
         past = KVCache.empty(self.num_layers, len(prompts), self.num_heads, self.head_size, self.cache_dtype)
         return self._forward(input_ids, positions, past, mask)
 
-    def decode(
-        self,
-        tokens: Sequence[int],
-        positions: Sequence[int],
-        cache: KVCache,
-        writing: Mapping[int, int] | None = None,
-    ) -> tuple[np.ndarray, KVCache]:
-        """One step for every sequence of the batch: feeds each its last token at its position. (`writing`: the
-        slot cache's prompts being written; this cache has no slots.)"""
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """One step for every sequence of the batch: feeds each its last token at its position."""
         input_ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         pos = np.asarray(positions, dtype=np.int64).reshape(-1, 1)
         return self._forward(input_ids, pos, cache, np.ones_like(input_ids))
@@ -359,25 +352,23 @@ class SharedBufferGenerator(GeneratorModel):
         self._bind_cache(binding, first_slot, len(prompts))
         input_ids = np.asarray(prompts, dtype=np.int64).reshape(len(prompts), -1)
         mask = np.ones((len(prompts), done + input_ids.shape[1]), dtype=np.int64)
-        return self._run(binding, input_ids, mask, interrupt)
+        slots = range(first_slot, first_slot + len(prompts))
+        for slot in slots:
+            self.pool.writing(slot, done)
+        logits = self._run(binding, input_ids, mask, interrupt)
+        for slot, ids in zip(slots, prompts):
+            self.pool.wrote(slot, done, ids)
+        return logits
 
     def decode(
-        self,
-        tokens: Sequence[int],
-        positions: Sequence[int],
-        cache: SlotCache,
-        writing: Mapping[int, int] | None = None,
+        self, tokens: Sequence[int], positions: Sequence[int], cache: SlotCache
     ) -> tuple[np.ndarray, SlotCache]:
-        """One step over slots 0..highest in use (idle slots get a dummy token); `positions` are implied by
-        the slots' lengths. `writing`: slots not in the batch whose prompts are being written (chunked
-        prefill) and how many tokens each holds: their dummy token goes after those, where the next chunk
-        overwrites it (at position 0 it would overwrite the prompt's first token)."""
+        """One step over slots 0..highest in use; `positions` are implied by the slots' lengths. A slot not in
+        the batch gets a dummy token after the prompt tokens it holds (a prompt being written by chunks, or
+        one kept for prefix caching), where it overwrites nothing held; its output is ignored."""
         span = max(cache.slots) + 1
         input_ids = np.zeros((span, 1), dtype=np.int64)
-        lengths = np.zeros(span, dtype=np.int64)  # idle slots: a one-token mask, output ignored
-        for slot, held in (writing or {}).items():
-            if slot < span:
-                lengths[slot] = held
+        lengths = np.fromiter((self.pool.held(s) for s in range(span)), dtype=np.int64, count=span)
         input_ids[cache.slots, 0] = tokens
         lengths[cache.slots] = cache.lengths
         width = int(lengths.max()) + 1

@@ -155,6 +155,7 @@ class GenerationScheduler:
         metrics: Metrics | None = None,
         prefill_chunk_tokens: int = 0,
         stream_interval: int = 1,
+        prefix_caching: bool = True,
     ) -> None:
         self.model = model
         self.name = model.config.name
@@ -165,6 +166,9 @@ class GenerationScheduler:
         self.prefill_chunk_tokens = (
             prefill_chunk_tokens if isinstance(model, SharedBufferGenerator) and prefill_chunk_tokens > 0 else 0
         )
+        # A prompt starts from the longest beginning of it that a cache slot holds (slot_cache.py; chunked
+        # prefill only: the rest of the prompt is written as chunks are).
+        self.prefix_caching = prefix_caching and bool(self.prefill_chunk_tokens)
         # Tokens per chunk sent (vLLM's stream_interval): 1 sends every token as it comes; more send fewer,
         # larger messages (the first token and the last chunk always go at once).
         self.stream_interval = max(1, stream_interval)
@@ -184,6 +188,7 @@ class GenerationScheduler:
             self._m_compute = metrics.compute_duration.labels(self.name, GENERATE)
             self._m_batch = metrics.batch_size.labels(self.name, GENERATE)
             self._m_prompt = metrics.prompt_tokens.labels(self.name)
+            self._m_cached = metrics.prompt_tokens_cached.labels(self.name)
             self._m_generated = metrics.generated_tokens.labels(self.name)
             self._m_prefill = metrics.prefill_duration.labels(self.name)
             self._m_ttft = metrics.time_to_first_token.labels(self.name)
@@ -478,6 +483,10 @@ class GenerationScheduler:
         assert isinstance(model, SharedBufferGenerator)
         for seq in self._start(admitted, events):
             seq.slot = model.pool.take()  # admission keeps sequences within the slots: never Overloaded
+            if self.prefix_caching:
+                seq.prefilled = model.pool.reuse(seq.slot, seq.prepared.prompt_ids)
+                if self._m is not None:
+                    self._m_cached.inc(seq.prefilled)
             self._prefilling.append(seq)
         budget = self.prefill_chunk_tokens
         while budget > 0 and self._prefilling:
@@ -514,13 +523,15 @@ class GenerationScheduler:
             self._gauges()
 
     def _prefill_group(self, budget: int) -> list[_Sequence]:
-        """The prompts at the head of the prefill queue that one call writes whole within `budget` tokens (of
-        one length, not begun, in neighbouring slots: `batchable`); the head alone when fewer than two are not begun."""
-        candidates = list(itertools.takewhile(lambda s: not s.prefilled, self._prefilling))
+        """The prompts at the head of the prefill queue that one call completes within `budget` tokens: those
+        holding as many tokens as the head (none, or a prefix from the cache), with as many left to write, in
+        neighbouring slots (`batchable`); the head alone otherwise."""
+        done = self._prefilling[0].prefilled
+        candidates = list(itertools.takewhile(lambda s: s.prefilled == done, self._prefilling))
         if len(candidates) < 2:
             return self._prefilling[:1]
-        n = batchable([len(s.prepared.prompt_ids) for s in candidates], [s.slot for s in candidates], budget)
-        return candidates[:n]
+        left = [len(s.prepared.prompt_ids) - done for s in candidates]
+        return candidates[: batchable(left, [s.slot for s in candidates], budget)]
 
     def _prefill_together(self, group: list[_Sequence], events: list[tuple[Sink, Event]]) -> int:
         """Writes the prompts of `group` (the head of the prefill queue) in one call; they join the batch.
@@ -531,14 +542,16 @@ class GenerationScheduler:
         del self._prefilling[: len(group)]
         slots = [s.slot for s in group]
         lengths = [len(s.prepared.prompt_ids) for s in group]
+        done = group[0].prefilled
+        written = sum(lengths) - done * len(group)
         started = time.monotonic()
         try:
-            logits = model.prefill_rows(slots[0], [s.prepared.prompt_ids for s in group])
+            logits = model.prefill_rows(slots[0], [s.prepared.prompt_ids[done:] for s in group], done)
         except Exception as exc:  # ends these sequences only
             log.exception("model %s: a prefill of %d prompts failed", self.name, len(group))
             model.pool.release(slots)
             events.extend((seq.sink, exc) for seq in group)
-            return sum(lengths)
+            return written
         elapsed = time.monotonic() - started
         for seq, length in zip(group, lengths):
             seq.prefill_seconds += elapsed
@@ -546,7 +559,7 @@ class GenerationScheduler:
             if self._m is not None:
                 self._m_prefill.observe(seq.prefill_seconds)
         self._join(group, logits, SlotCache(model.pool, slots, lengths), events)
-        return sum(lengths)
+        return written
 
     def _run_chunk(self, seq: _Sequence, ids: list[int]) -> np.ndarray:
         """One chunk of `seq`'s prompt into its slot, stopped midway (Interrupted) by a cancel or its deadline."""
@@ -570,11 +583,7 @@ class GenerationScheduler:
     def _step(self, events: list[tuple[Sink, Event]]) -> None:
         start = time.monotonic()
         active = self._active
-        # Slots whose prompts are being written (chunked prefill) keep what they hold through the step.
-        writing = {s.slot: s.prefilled for s in self._prefilling}
-        logits, cache = self.model.decode(
-            [s.last_id for s in active], [s.position for s in active], self._cache, writing
-        )
+        logits, cache = self.model.decode([s.last_id for s in active], [s.position for s in active], self._cache)
         for seq in active:
             seq.position += 1
         keep = self._accept(active, logits, events)

@@ -18,6 +18,14 @@ cache never leaves the device. A numpy buffer is written through once when it is
 of its memory is the process's from the start: the GroupQueryAttention op touches the whole row of a slot it
 writes, and the first write into each untouched slot cost 200-500 ms of page faults (SmolLM2, 2 CPU cores),
 stalling every running stream; committing the 1.4 GiB of SmolLM2's default cache takes about 3 s at start.
+
+A slot keeps what its prompt wrote after its sequence ends (prefix caching, vLLM's "automatic prefix
+caching" on slots): the pool records which prompt tokens each slot's positions 0..n-1 hold, and a new prompt
+that begins with tokens some slot holds (a shared system prompt, the same chat template, an earlier turn)
+gets those positions copied into its own slot and is prefilled from there on (`reuse`). Keys and values of a
+position depend only on the tokens up to it, so the copy is what a prefill would write, up to the rounding
+of a different batch shape (as with chunked prefill). Only what prompts wrote is recorded, not the generated
+tokens.
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ class SlotPool:
             self._pointers = [b.data_ptr() for b in self._buffers]
         self._free = list(range(slots))
         heapq.heapify(self._free)
+        # The prompt tokens whose keys and values each slot holds at its positions 0..n-1.
+        self._held: list[list[int]] = [[] for _ in range(slots)]
 
     @property
     def free(self) -> int:
@@ -83,9 +93,44 @@ class SlotPool:
             heapq.heappush(self._free, int(slot))
 
     def reset(self) -> None:
-        """Every slot free again (after a failure dropped the running batch)."""
+        """Every slot free again and holding nothing (after a failure dropped the running batch)."""
         self._free = list(range(self.slots))
         heapq.heapify(self._free)
+        self._held = [[] for _ in range(self.slots)]
+
+    def held(self, slot: int) -> int:
+        """How many prompt tokens `slot` holds from position 0 (a decode step's dummy token for an idle slot
+        goes after them, where it overwrites nothing held)."""
+        return len(self._held[slot])
+
+    def writing(self, slot: int, start: int) -> None:
+        """Before a call writes `slot` from position `start` on: what it held there is no longer known."""
+        del self._held[slot][start:]
+
+    def wrote(self, slot: int, start: int, ids: Sequence[int]) -> None:
+        """After a call wrote the prompt tokens `ids` into `slot` from position `start`."""
+        held = self._held[slot]
+        del held[start:]
+        if len(held) == start:  # otherwise what precedes them is not known: record nothing past it
+            held.extend(ids)
+
+    def reuse(self, slot: int, ids: Sequence[int]) -> int:
+        """Gives `slot` (just taken) the longest beginning of the prompt `ids` that a slot holds, copied from
+        that slot's positions when it is another one; returns how many tokens it now holds (at most all but the
+        last: a prompt's last token is computed, for its logits). With the cache on a device only `slot`'s own
+        content counts (no copy between slots there yet)."""
+        limit = len(ids) - 1
+        candidates = range(self.slots) if self.device == "cpu" else (slot,)
+        best, source = 0, slot
+        for other in candidates:
+            n = _common_prefix(self._held[other], ids, limit)
+            if n > best or (n == best and other == slot):
+                best, source = n, other
+        if source != slot and best:
+            for buffer in self._buffers:
+                buffer[slot, :, :best] = buffer[source, :, :best]
+        self._held[slot] = list(ids[:best])
+        return best
 
     def pointers(self, first_slot: int) -> list[int]:
         """Addresses of row `first_slot` in every buffer: layer 0 key, layer 0 value, layer 1 key, ..."""
@@ -97,6 +142,16 @@ class SlotPool:
         b = self._buffers[buffer]
         rows = b[slot] if isinstance(b, np.ndarray) else b.numpy()[slot]
         return np.array(rows[:, :length])
+
+
+def _common_prefix(a: list[int], b: Sequence[int], limit: int) -> int:
+    """How many tokens `a` and `b` share from the first, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    if a[:n] == list(b[:n]):
+        return n
+    return int(np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))[0])
 
 
 class SlotCache:

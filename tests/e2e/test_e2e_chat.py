@@ -186,3 +186,25 @@ def test_a_kv_cache_too_small_for_a_sequence_is_a_start_up_error(llm_repo: Path)
     with start(llm_repo, "--max-active-sequences", "4", "--kv-cache-tokens", "8") as srv, Client(srv.target) as client:
         limits = client.get_model("tinyllama").limits
         assert (limits.max_sequence_length, limits.max_new_tokens, limits.kv_cache_tokens) == (2, 1, 8)
+
+
+def test_prefix_caching_gives_the_same_answers_and_is_counted(llm_srv: ServerProcess, llm_repo: Path) -> None:
+    # Chats with one system prompt: on the default server the later ones start from what the first's prompt left
+    # in the KV cache (counted in nlpserve_prompt_tokens_cached_total); the answers are those of a server
+    # without prefix caching.
+    from e2e_util import sample, scrape
+
+    system = ("system", "You are a careful assistant. You answer every question in one short sentence.")
+    chats = [[system, ("user", question)] for question in ("Hello, world!", "How are you today?", "Two and two?")]
+
+    def answers(target: str) -> list:
+        with Client(target) as client:
+            return [tuple(client.chat(chat, model="tinyllama", max_new_tokens=12).token_ids) for chat in chats]
+
+    before = sample(scrape(llm_srv), "nlpserve_prompt_tokens_cached_total", model="tinyllama")
+    cached = answers(llm_srv.target)
+    reused = sample(scrape(llm_srv), "nlpserve_prompt_tokens_cached_total", model="tinyllama") - before
+    assert reused >= 2 * 10  # the system prompt's tokens, at least, for the second and third chats
+    with start(llm_repo, "--prefix-caching", "off") as plain:
+        assert answers(plain.target) == cached
+        assert sample(scrape(plain), "nlpserve_prompt_tokens_cached_total", model="tinyllama") == 0

@@ -54,6 +54,31 @@ def test_pool_hands_out_lowest_free_slot_first() -> None:
     assert pool.free == 3
 
 
+def test_pool_reuse_copies_the_longest_beginning_a_slot_holds() -> None:
+    pool = SlotPool(num_layers=1, slots=3, kv_heads=1, max_length=6, head_size=2, dtype=np.float32)
+    first, second = pool.take(), pool.take()
+    for buffer in pool._buffers:  # stand-ins for what two prefills wrote
+        buffer[first] = np.arange(12, dtype=np.float32).reshape(1, 6, 2)
+        buffer[second] = -1.0
+    pool.wrote(first, 0, [1, 2, 3, 4])
+    pool.wrote(second, 0, [1, 2])
+    new = pool.take()
+    assert pool.reuse(new, [1, 2, 3, 9, 9]) == 3  # from `first`, the longest match, copied
+    for b in range(2):
+        np.testing.assert_array_equal(pool.host_rows(b, new, 3), pool.host_rows(b, first, 3))
+    assert pool.held(new) == 3
+    assert pool.reuse(new, [1, 2, 3, 4]) == 3  # the whole prompt held: its last token is still computed
+    pool.writing(new, 1)  # a call about to write from position 1: what was there is no longer known
+    assert pool.held(new) == 1
+    pool.wrote(new, 2, [7])  # a write past what is known records nothing
+    assert pool.held(new) == 1
+    assert pool.reuse(new, [8, 9]) == 0 and pool.held(new) == 0
+    pool.release([first])  # a free slot keeps what it holds
+    assert pool.held(first) == 4
+    pool.reset()
+    assert [pool.held(s) for s in range(3)] == [0, 0, 0]
+
+
 def test_rows_with_holes_decode_as_each_sequence_alone(generator: SharedBufferGenerator) -> None:
     prompts = [[5, 9, 30, 40], [100, 7], [3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 201, 202]]
     steps = 12
@@ -245,6 +270,7 @@ def test_a_burst_of_one_length_is_prefilled_together_beside_a_running_stream(
     """Chunked prefill: three requests of one prompt length that arrive together while a stream decodes are
     written in one call (their slots are neighbours above the running one); every stream gives the tokens it
     gives alone, and every slot comes back."""
+    generator.reset()  # no slot holds a beginning of these prompts from an earlier test (prefix caching)
     scheduler = GenerationScheduler(generator, max_active_sequences=4, max_queue_size=8, prefill_chunk_tokens=64)
     results, sink_for = collect()
     prompts = {"run": [100, 7, 8], "x": [5, 9, 30, 40], "y": [3, 4, 5, 6], "z": [11, 12, 13, 14]}
@@ -355,7 +381,10 @@ def test_an_interrupted_chunk_raises_and_leaves_the_session_usable(generator: Sh
 def test_a_cancel_or_deadline_stops_a_running_chunk(generator: SharedBufferGenerator, why: str) -> None:
     """The cancel (from the front's thread) or the deadline's timer fires while a chunk is in its session
     call: the call stops (RunOptions.terminate), the slot is freed, and no later chunk runs."""
-    scheduler = GenerationScheduler(generator, max_active_sequences=2, max_queue_size=8, prefill_chunk_tokens=2)
+    # Without prefix caching: the chunks begin at position 0 whatever earlier tests left in the slots.
+    scheduler = GenerationScheduler(
+        generator, max_active_sequences=2, max_queue_size=8, prefill_chunk_tokens=2, prefix_caching=False
+    )
     results, sink_for = collect()
     long = GenerateRequest("tinyllama", "one two three four five six seven eight", SamplingParams(max_new_tokens=4))
     handle = scheduler.submit(long, sink_for("long"), deadline=time.monotonic() + 3600)
@@ -391,7 +420,9 @@ def test_a_cancel_or_deadline_stops_a_running_chunk(generator: SharedBufferGener
 def test_the_deadline_timer_interrupts_a_chunk(generator: SharedBufferGenerator) -> None:
     # The timer itself: a chunk still in its call when the deadline passes is stopped by it. The chunk here
     # waits in its call until its interrupt fires (60 s at most), so only the timer can end it in time.
-    scheduler = GenerationScheduler(generator, max_active_sequences=2, max_queue_size=8, prefill_chunk_tokens=2)
+    scheduler = GenerationScheduler(
+        generator, max_active_sequences=2, max_queue_size=8, prefill_chunk_tokens=2, prefix_caching=False
+    )
     results, sink_for = collect()
     long = GenerateRequest("tinyllama", "one two three four five six seven eight", SamplingParams(max_new_tokens=4))
     scheduler.submit(long, sink_for("late"), deadline=time.monotonic() + 3600)
@@ -415,4 +446,56 @@ def test_the_deadline_timer_interrupts_a_chunk(generator: SharedBufferGenerator)
     assert waited == [True]
     (event,) = results["late"]
     assert isinstance(event, DeadlineExceeded) and "prefill" in str(event)
+    assert generator.pool.free == generator.pool.slots
+
+
+def spy_writes(generator: SharedBufferGenerator) -> list[tuple[int, int, int]]:
+    """Records (first slot, tokens written per row, tokens held before) of every `prefill_rows` call (undo: del
+    generator.prefill_rows)."""
+    real, calls = generator.prefill_rows, []
+
+    def spy(first_slot, prompts, done=0, interrupt=None):
+        calls.append((first_slot, len(prompts[0]), done))
+        return real(first_slot, prompts, done, interrupt)
+
+    generator.prefill_rows = spy
+    return calls
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_shared_beginning_is_copied_not_prefilled(generator: SharedBufferGenerator, caching: bool) -> None:
+    """Prefix caching: a prompt that begins as a running stream's prompt gets those tokens' keys and values
+    copied into its slot and writes only the rest; a prompt sent again writes only its last token (from the
+    slot the first left). Every stream gives the tokens it gives alone."""
+    generator.reset()
+    scheduler = GenerationScheduler(
+        generator, max_active_sequences=3, max_queue_size=8, prefill_chunk_tokens=64, prefix_caching=caching
+    )
+    results, sink_for = collect()
+    shared = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    prompts = {"first": [*shared, 40, 41], "second": [*shared, 50, 51, 52], "again": [*shared, 50, 51, 52]}
+
+    def submit(name: str, max_new: int) -> None:
+        request = GenerateRequest("tinyllama", "(the ids)", SamplingParams(max_new_tokens=max_new))
+        scheduler.submit(request, sink_for(name), prepared=PreparedRequest(request, prompts[name], max_new, 0))
+
+    calls = spy_writes(generator)
+    try:
+        submit("first", 8)
+        drive(scheduler, 2)
+        assert [s.slot for s in scheduler._active] == [0]
+        submit("second", 6)  # slot 1, beside `first` still decoding in slot 0
+        drive(scheduler)
+        submit("again", 6)  # the lowest free slot, 0, holds `first`; slot 1 holds all of it
+        drive(scheduler)
+    finally:
+        del generator.prefill_rows
+    if caching:
+        assert calls == [(0, 12, 0), (1, 3, 10), (0, 1, 12)]
+    else:
+        assert calls == [(0, 12, 0), (1, 13, 0), (0, 13, 0)]
+    for name, max_new in (("first", 8), ("second", 6), ("again", 6)):
+        alone = greedy_alone(generator, prompts[name], max_new)
+        ends = [j for j, t in enumerate(alone) if t in generator.eos_ids]
+        assert tokens(results[name]) == (alone[: ends[0] + 1] if ends else alone), name
     assert generator.pool.free == generator.pool.slots

@@ -523,15 +523,15 @@ class GenerationScheduler:
             self._gauges()
 
     def _prefill_group(self, budget: int) -> list[_Sequence]:
-        """The prompts at the head of the prefill queue that one call completes within `budget` tokens: those
-        holding as many tokens as the head (none, or a prefix from the cache), with as many left to write, in
-        neighbouring slots (`batchable`); the head alone otherwise."""
-        done = self._prefilling[0].prefilled
-        candidates = list(itertools.takewhile(lambda s: s.prefilled == done, self._prefilling))
+        """The prompts at the head of the prefill queue that one call writes whole within `budget` tokens (of
+        one length, not begun, in neighbouring slots: `batchable`); the head alone when fewer than two are not
+        begun. Not begun: ONNX Runtime's GroupQueryAttention (CPU) takes several rows of several tokens only
+        without past tokens, so a prompt with a prefix from the cache is written alone."""
+        candidates = list(itertools.takewhile(lambda s: not s.prefilled, self._prefilling))
         if len(candidates) < 2:
             return self._prefilling[:1]
-        left = [len(s.prepared.prompt_ids) - done for s in candidates]
-        return candidates[: batchable(left, [s.slot for s in candidates], budget)]
+        n = batchable([len(s.prepared.prompt_ids) for s in candidates], [s.slot for s in candidates], budget)
+        return candidates[:n]
 
     def _prefill_together(self, group: list[_Sequence], events: list[tuple[Sink, Event]]) -> int:
         """Writes the prompts of `group` (the head of the prefill queue) in one call; they join the batch.
@@ -542,16 +542,14 @@ class GenerationScheduler:
         del self._prefilling[: len(group)]
         slots = [s.slot for s in group]
         lengths = [len(s.prepared.prompt_ids) for s in group]
-        done = group[0].prefilled
-        written = sum(lengths) - done * len(group)
         started = time.monotonic()
         try:
-            logits = model.prefill_rows(slots[0], [s.prepared.prompt_ids[done:] for s in group], done)
+            logits = model.prefill_rows(slots[0], [s.prepared.prompt_ids for s in group])
         except Exception as exc:  # ends these sequences only
             log.exception("model %s: a prefill of %d prompts failed", self.name, len(group))
             model.pool.release(slots)
             events.extend((seq.sink, exc) for seq in group)
-            return written
+            return sum(lengths)
         elapsed = time.monotonic() - started
         for seq, length in zip(group, lengths):
             seq.prefill_seconds += elapsed
@@ -559,7 +557,7 @@ class GenerationScheduler:
             if self._m is not None:
                 self._m_prefill.observe(seq.prefill_seconds)
         self._join(group, logits, SlotCache(model.pool, slots, lengths), events)
-        return written
+        return sum(lengths)
 
     def _run_chunk(self, seq: _Sequence, ids: list[int]) -> np.ndarray:
         """One chunk of `seq`'s prompt into its slot, stopped midway (Interrupted) by a cancel or its deadline."""

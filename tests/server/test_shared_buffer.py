@@ -465,15 +465,19 @@ def spy_writes(generator: SharedBufferGenerator) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("caching", [True, False])
 def test_a_shared_beginning_is_copied_not_prefilled(generator: SharedBufferGenerator, caching: bool) -> None:
     """Prefix caching: a prompt that begins as a running stream's prompt gets those tokens' keys and values
-    copied into its slot and writes only the rest; a prompt sent again writes only its last token (from the
-    slot the first left). Every stream gives the tokens it gives alone."""
+    copied into its slot and writes only the rest (two such prompts of one length arriving together are written
+    one after the other: GroupQueryAttention takes one row when it has past tokens); a prompt sent again writes
+    only its last token. Every stream gives the tokens it gives alone."""
     generator.reset()
     scheduler = GenerationScheduler(
-        generator, max_active_sequences=3, max_queue_size=8, prefill_chunk_tokens=64, prefix_caching=caching
+        generator, max_active_sequences=4, max_queue_size=8, prefill_chunk_tokens=64, prefix_caching=caching
     )
     results, sink_for = collect()
     shared = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-    prompts = {"first": [*shared, 40, 41], "second": [*shared, 50, 51, 52], "again": [*shared, 50, 51, 52]}
+    prompts = {
+        "first": [*shared, 40, 41], "second": [*shared, 50, 51, 52], "third": [*shared, 60, 61, 62],
+        "again": [*shared, 50, 51, 52],
+    }
 
     def submit(name: str, max_new: int) -> None:
         request = GenerateRequest("tinyllama", "(the ids)", SamplingParams(max_new_tokens=max_new))
@@ -484,17 +488,18 @@ def test_a_shared_beginning_is_copied_not_prefilled(generator: SharedBufferGener
         submit("first", 8)
         drive(scheduler, 2)
         assert [s.slot for s in scheduler._active] == [0]
-        submit("second", 6)  # slot 1, beside `first` still decoding in slot 0
+        submit("second", 6)  # slots 1 and 2, beside `first` still decoding in slot 0
+        submit("third", 5)
         drive(scheduler)
-        submit("again", 6)  # the lowest free slot, 0, holds `first`; slot 1 holds all of it
+        submit("again", 6)  # into the lowest free slot, 0, which holds `first`; slot 1 holds all of it
         drive(scheduler)
     finally:
         del generator.prefill_rows
     if caching:
-        assert calls == [(0, 12, 0), (1, 3, 10), (0, 1, 12)]
-    else:
+        assert calls == [(0, 12, 0), (1, 3, 10), (2, 3, 10), (0, 1, 12)]
+    else:  # the two of one length together
         assert calls == [(0, 12, 0), (1, 13, 0), (0, 13, 0)]
-    for name, max_new in (("first", 8), ("second", 6), ("again", 6)):
+    for name, max_new in (("first", 8), ("second", 6), ("third", 5), ("again", 6)):
         alone = greedy_alone(generator, prompts[name], max_new)
         ends = [j for j, t in enumerate(alone) if t in generator.eos_ids]
         assert tokens(results[name]) == (alone[: ends[0] + 1] if ends else alone), name

@@ -16,6 +16,7 @@ Both sides alternate in every round; each ratio is the median of the per-round r
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -124,10 +125,12 @@ def chat_prompts(model: inprocess.ModelFiles, needed: int) -> ChatPrompts:
     keep = [k for k, i in enumerate(ids) if len(i) == length]
     if len(keep) < needed:
         raise ValueError(f"{model.name}: {len(keep)} prompts of {length} tokens, {needed} needed for a static batch")
+    shared = len(os.path.commonprefix([ids[k] for k in keep]))
     return ChatPrompts(
         conversations=[conversations[k] for k in keep], token_ids=[ids[k] for k in keep], length=length,
         source=(f"{len(keep)} built-in instructions ({INSTRUCTION.format('<topic>')!r}) in the model's chat "
-                f"template, {length} tokens each"),
+                f"template, {length} tokens each, the first {shared} shared (the server's prefix caching, on by "
+                "default, prefills the rest; onnxruntime-genai every prompt whole)"),
     )
 
 

@@ -24,6 +24,8 @@ def test_defaults_and_flags():
     off = load_settings(["--models", "m"], {"NLPSERVE_INTRA_OP_SPINNING": "off"}).intra_op_spinning
     assert not off.spins(generator=True) and not off.spins(generator=False)
     assert load_settings(["--models", "m", "--intra-op-spinning", "on"], {}).intra_op_spinning.spins(generator=False)
+    assert s.prefix_caching.on  # prefix caching by default, off when told
+    assert not load_settings(["--models", "m"], {"NLPSERVE_PREFIX_CACHING": "off"}).prefix_caching.on
 
 
 def test_environment_fills_what_flags_leave_unset():

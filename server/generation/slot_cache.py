@@ -38,6 +38,11 @@ import onnxruntime as ort
 
 from ..errors import Overloaded
 
+# The fewest tokens a prompt takes from the cache (vLLM caches blocks of 16): a shorter match, such as the
+# beginning-of-sequence token every prompt of a Llama starts with, would only keep the prompt from being
+# prefilled in one call with others of its length (a prompt with past tokens is written alone).
+REUSE_MIN_TOKENS = 16
+
 
 class SlotPool:
     """The buffers and which slots are free."""
@@ -116,9 +121,9 @@ class SlotPool:
 
     def reuse(self, slot: int, ids: Sequence[int]) -> int:
         """Gives `slot` (just taken) the longest beginning of the prompt `ids` that a slot holds, copied from
-        that slot's positions when it is another one; returns how many tokens it now holds (at most all but the
-        last: a prompt's last token is computed, for its logits). With the cache on a device only `slot`'s own
-        content counts (no copy between slots there yet)."""
+        that slot's positions when it is another one; returns how many tokens it now holds: 0, or from
+        REUSE_MIN_TOKENS to all but the last (a prompt's last token is computed, for its logits). With the cache
+        on a device only `slot`'s own content counts (no copy between slots there yet)."""
         limit = len(ids) - 1
         candidates = range(self.slots) if self.device == "cpu" else (slot,)
         best, source = 0, slot
@@ -126,7 +131,9 @@ class SlotPool:
             n = _common_prefix(self._held[other], ids, limit)
             if n > best or (n == best and other == slot):
                 best, source = n, other
-        if source != slot and best:
+        if best < REUSE_MIN_TOKENS:
+            best = 0
+        elif source != slot:
             for buffer in self._buffers:
                 buffer[slot, :, :best] = buffer[source, :, :best]
         self._held[slot] = list(ids[:best])

@@ -55,26 +55,29 @@ def test_pool_hands_out_lowest_free_slot_first() -> None:
 
 
 def test_pool_reuse_copies_the_longest_beginning_a_slot_holds() -> None:
-    pool = SlotPool(num_layers=1, slots=3, kv_heads=1, max_length=6, head_size=2, dtype=np.float32)
+    from server.generation.slot_cache import REUSE_MIN_TOKENS as least
+
+    pool = SlotPool(num_layers=1, slots=3, kv_heads=1, max_length=40, head_size=2, dtype=np.float32)
     first, second = pool.take(), pool.take()
     for buffer in pool._buffers:  # stand-ins for what two prefills wrote
-        buffer[first] = np.arange(12, dtype=np.float32).reshape(1, 6, 2)
+        buffer[first] = np.arange(80, dtype=np.float32).reshape(1, 40, 2)
         buffer[second] = -1.0
-    pool.wrote(first, 0, [1, 2, 3, 4])
-    pool.wrote(second, 0, [1, 2])
+    shared = list(range(100, 100 + least))
+    pool.wrote(first, 0, [*shared, 1, 2])
+    pool.wrote(second, 0, shared[:-1])
     new = pool.take()
-    assert pool.reuse(new, [1, 2, 3, 9, 9]) == 3  # from `first`, the longest match, copied
+    assert pool.reuse(new, [*shared, 1, 9, 9]) == least + 1  # from `first`, the longest match, copied
     for b in range(2):
-        np.testing.assert_array_equal(pool.host_rows(b, new, 3), pool.host_rows(b, first, 3))
-    assert pool.held(new) == 3
-    assert pool.reuse(new, [1, 2, 3, 4]) == 3  # the whole prompt held: its last token is still computed
-    pool.writing(new, 1)  # a call about to write from position 1: what was there is no longer known
-    assert pool.held(new) == 1
-    pool.wrote(new, 2, [7])  # a write past what is known records nothing
-    assert pool.held(new) == 1
-    assert pool.reuse(new, [8, 9]) == 0 and pool.held(new) == 0
+        np.testing.assert_array_equal(pool.host_rows(b, new, least + 1), pool.host_rows(b, first, least + 1))
+    assert pool.held(new) == least + 1
+    assert pool.reuse(new, [*shared, 1, 2]) == least + 1  # the whole prompt held: its last token is computed
+    pool.writing(new, least)  # a call about to write from there on: what was there is no longer known
+    assert pool.held(new) == least
+    pool.wrote(new, least + 2, [7])  # a write past what is known records nothing
+    assert pool.held(new) == least
+    assert pool.reuse(new, [*shared[:-1], 5, 5]) == 0 and pool.held(new) == 0  # shorter than the least reused
     pool.release([first])  # a free slot keeps what it holds
-    assert pool.held(first) == 4
+    assert pool.held(first) == least + 2
     pool.reset()
     assert [pool.held(s) for s in range(3)] == [0, 0, 0]
 
@@ -270,7 +273,8 @@ def test_a_burst_of_one_length_is_prefilled_together_beside_a_running_stream(
     """Chunked prefill: three requests of one prompt length that arrive together while a stream decodes are
     written in one call (their slots are neighbours above the running one); every stream gives the tokens it
     gives alone, and every slot comes back."""
-    generator.reset()  # no slot holds a beginning of these prompts from an earlier test (prefix caching)
+    # Earlier tests left prompts in the slots that begin as some of these do ([5, 9], [3, 4, 5]): matches that
+    # short are not reused (REUSE_MIN_TOKENS), so these prompts are still written together.
     scheduler = GenerationScheduler(generator, max_active_sequences=4, max_queue_size=8, prefill_chunk_tokens=64)
     results, sink_for = collect()
     prompts = {"run": [100, 7, 8], "x": [5, 9, 30, 40], "y": [3, 4, 5, 6], "z": [11, 12, 13, 14]}
@@ -473,7 +477,7 @@ def test_a_shared_beginning_is_copied_not_prefilled(generator: SharedBufferGener
         generator, max_active_sequences=4, max_queue_size=8, prefill_chunk_tokens=64, prefix_caching=caching
     )
     results, sink_for = collect()
-    shared = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    shared = list(range(3, 3 + 20))
     prompts = {
         "first": [*shared, 40, 41], "second": [*shared, 50, 51, 52], "third": [*shared, 60, 61, 62],
         "again": [*shared, 50, 51, 52],
@@ -496,9 +500,9 @@ def test_a_shared_beginning_is_copied_not_prefilled(generator: SharedBufferGener
     finally:
         del generator.prefill_rows
     if caching:
-        assert calls == [(0, 12, 0), (1, 3, 10), (2, 3, 10), (0, 1, 12)]
+        assert calls == [(0, 22, 0), (1, 3, 20), (2, 3, 20), (0, 1, 22)]
     else:  # the two of one length together
-        assert calls == [(0, 12, 0), (1, 13, 0), (0, 13, 0)]
+        assert calls == [(0, 22, 0), (1, 23, 0), (0, 23, 0)]
     for name, max_new in (("first", 8), ("second", 6), ("third", 5), ("again", 6)):
         alone = greedy_alone(generator, prompts[name], max_new)
         ends = [j for j, t in enumerate(alone) if t in generator.eos_ids]

@@ -45,6 +45,9 @@ PARITY_BOUND = 1e-4
 # greedy tokens fed back, so one early difference does not decide the rest) and perplexity on held-out text.
 MIN_AGREEMENT = {"int4": 0.5, "fp16": 0.9}
 MAX_PERPLEXITY_RATIO = {"int4": 1.25, "fp16": 1.02}
+# The mixed-step graph (mixed_step.py) against the plain one, both run by ONNX Runtime on the same inputs: the
+# same kernels on the same rows, so equal in practice (0.0 on SmolLM2's fp32, int4 and fp16 files).
+MIXED_STEP_BOUND = 1e-4
 DEFAULT_CONTEXT = 2048  # the served context when the model allows more (the KV cache grows with it)
 HELD_OUT = (
     "The river rises in the hills north of the town and runs south through farmland for forty miles before it "
@@ -183,6 +186,36 @@ def run_builder(checkpoint: Path, out: Path, precision: str, filename: str, work
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
         raise ExportError(f"the onnxruntime-genai builder failed ({precision}): {lines[-1][:300] if lines else '?'}")
     logger.info("onnxruntime-genai builder: %s %s in %.1f s", precision, filename, time.monotonic() - t0)
+
+
+def write_mixed_steps(version_dir: Path, files: dict[str, str], arch: dict[str, Any]) -> dict[str, Any]:
+    """Writes each variant's mixed-step graph beside it (mixed_step.py) and checks it against the variant's own
+    graph; returns {variant: {"file", "max_rel_diff"}}, empty (logged) when the layout is not the builder's."""
+    import onnxruntime as ort
+
+    from export import mixed_step
+
+    written: dict[str, Any] = {}
+    for variant, filename in files.items():
+        try:
+            path = mixed_step.write(version_dir / filename)
+        except mixed_step.UnsupportedGraph as exc:
+            logger.warning("%s: no mixed-step graph (%s); the server prefills it in calls of their own", filename, exc)
+            return {}
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        plain = ort.InferenceSession(str(version_dir / filename), options, providers=["CPUExecutionProvider"])
+        mixed = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        dtype = np.float16 if "float16" in plain.get_inputs()[2].type else np.float32
+        diff = mixed_step.check(plain, mixed, int(arch["num_layers"]), int(arch["num_kv_heads"]),
+                                int(arch["head_size"]), dtype)
+        if diff > MIXED_STEP_BOUND:
+            path.unlink()
+            raise VerificationError(f"{path.name}: logits or cache differ from {filename}'s by {diff:.3g} relative "
+                                    f"(at most {MIXED_STEP_BOUND})")
+        written[variant] = {"file": path.name, "max_rel_diff": diff}
+        logger.info("%s: mixed-step graph %s, %.3g relative from the plain graph", filename, path.name, diff)
+    return written
 
 
 # -- verification ---------------------------------------------------------------------------------------------
@@ -422,6 +455,9 @@ def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
              "vocab_size": cfg.vocab_size, "tokenizer_vocab_size": tokenizer.get_vocab_size(),
              "context_length": cfg.max_position_embeddings},
         )
+        mixed = write_mixed_steps(version_dir, files, config["architecture"])
+        if mixed:
+            config["onnx"]["mixed_step"] = {variant: entry["file"] for variant, entry in mixed.items()}
         prompt_ids, new_tokens = verification_prompts(tokenizer, context, opts.verify_tokens)
         quality: dict[str, Any] = {}
         t0 = time.monotonic()
@@ -450,6 +486,8 @@ def build(opts: LlmOptions, version_dir: Path) -> dict[str, Any]:
                     f"perplexity {ppl:.3f} against PyTorch's {reference_ppl:.3f} (ratio at most "
                     f"{MAX_PERPLEXITY_RATIO[variant]})"
                 )
+        for variant, entry in mixed.items():
+            quality[variant]["mixed_step_max_rel_diff"] = entry["max_rel_diff"]
         figures["verify_seconds"] = round(time.monotonic() - t0, 1)
         config["provenance"] = provenance(opts.description or source, "none", opts.command)
         config["quality"] = {"parity": quality, "eval": {"perplexity_torch": round(reference_ppl, 4),
@@ -561,6 +599,9 @@ def import_onnx(folder: Path, opts: LlmOptions, version_dir: Path, checkpoint: P
          "vocab_size": model_section.get("vocab_size"), "tokenizer_vocab_size": tokenizer.get_vocab_size(),
          "context_length": model_section.get("context_length")},
     )
+    mixed = write_mixed_steps(version_dir, {variant: filename}, config["architecture"])
+    if mixed:
+        config["onnx"]["mixed_step"] = {variant: mixed[variant]["file"]}
     prompt_ids, new_tokens = verification_prompts(tokenizer, context, opts.verify_tokens)
     served = served_model(version_dir, config, filename)
     quality: dict[str, Any]
@@ -585,6 +626,8 @@ def import_onnx(folder: Path, opts: LlmOptions, version_dir: Path, checkpoint: P
     if bad:
         raise VerificationError(f"{opts.name}: greedy generation agrees with {quality['reference']} on "
                                 f"{quality['token_agreement']:.1%} of the tokens (all wanted)")
+    if mixed:
+        quality["mixed_step_max_rel_diff"] = mixed[variant]["max_rel_diff"]
     config["provenance"] = provenance(str(folder), "none", opts.command)
     config["quality"] = {"parity": {variant: quality}, "eval": {}}
     write_json(version_dir / "config.json", config)

@@ -36,7 +36,7 @@ from .config import Settings
 from .errors import StartupError
 from .http import HttpServer
 from .metrics import Metrics
-from .models import ModelHub, load_model
+from .models import ModelHub, load_model, share_mixed_threads
 from .repository import scan
 from .security import ApiKeyInterceptor, api_key_interceptors, load_tls
 from .servicers.inference import InferenceServicer
@@ -191,6 +191,7 @@ async def serve(
     )
 
     try:
+        share_mixed_threads(configs, settings)
         for config in configs:
             if stop.is_set():
                 break

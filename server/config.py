@@ -189,6 +189,14 @@ class Settings:
             "is prefilled from there on; slots keep a finished prompt's until reused"
         ),
     )
+    mixed_steps: Toggle = field(
+        default=Toggle.ON,
+        metadata=_help(
+            "shared-buffer generators exported with a mixed-step graph: a prompt of up to 256 tokens is "
+            "prefilled in the running streams' decode call, not a call of its own (one read of the weights for "
+            "both; a second session on the same file). off: each prefill alone"
+        ),
+    )
     device_sampling: DeviceSampling = field(
         default=DeviceSampling.AUTO,
         metadata=_help(

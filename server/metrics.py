@@ -105,6 +105,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prompt_tokens_in_decode = Counter(
+            "nlpserve_prompt_tokens_in_decode",
+            "Prompt tokens prefilled inside the running streams' decode call (mixed steps), not a call of their own.",
+            ["model"],
+            registry=r,
+        )
         self.generated_tokens = Counter(
             "nlpserve_generated_tokens",
             "Tokens generated for clients (not those of a step whose client had gone).",

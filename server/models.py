@@ -13,8 +13,9 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .batching import DynamicBatcher, WorkTimes
@@ -26,8 +27,16 @@ from .generation.model import MAX_STOP_SEQUENCES, make_generator
 from .generation.sampling import greedy_tokens
 from .generation.scheduler import GenerationScheduler
 from .metrics import CLASSIFY, CLASSIFY_TOKENS, EMBED, Metrics
-from .repository import CLASSIFIER, EMBEDDER, ENCODERS, GENERATOR, TOKEN_CLASSIFIER, ModelConfig
-from .runtime import CudaOptions, Session
+from .repository import (
+    CLASSIFIER,
+    EMBEDDER,
+    ENCODERS,
+    GENERATOR,
+    KV_SHARED_BUFFER,
+    TOKEN_CLASSIFIER,
+    ModelConfig,
+)
+from .runtime import CudaOptions, Session, share_thread_pool, thread_pool_shared
 from .token_classify import TokenClassifierModel
 from .types import (
     ClassifyRequest,
@@ -73,6 +82,26 @@ def _batching(config: ModelConfig, settings: Settings, key: str, default: float)
     return value if value is not None else config.batching.get(key, default)
 
 
+def mixed_step_file(config: ModelConfig, settings: Settings) -> Path | None:
+    """The mixed-step graph (export/mixed_step.py) a shared-buffer generator is served with: its prompts'
+    chunks are prefilled in the running streams' decode call (--mixed-steps off, or --prefill-chunk-tokens 0,
+    turns it off)."""
+    if config.kind != GENERATOR or config.kv_cache != KV_SHARED_BUFFER or not settings.mixed_steps.on:
+        return None
+    if settings.prefill_chunk_tokens <= 0:
+        return None
+    return config.mixed_step_file(config.model_file(settings.variant.value if settings.variant else None)[0])
+
+
+def share_mixed_threads(configs: Sequence[ModelConfig], settings: Settings) -> None:
+    """Before the first session: when a generator will be served with its mixed-step graph and generators'
+    threads spin, every session of the process shares one thread pool (runtime.share_thread_pool): the two
+    sessions of that generator take turns on the cores, and two spinning pools would fight over them (on 2
+    cores, SmolLM2 fp32 at 16 streams: 0.88x without mixed steps against 1.11x with one pool)."""
+    if settings.intra_op_spinning.spins(generator=True) and any(mixed_step_file(c, settings) for c in configs):
+        share_thread_pool(settings.intra_op_threads)
+
+
 def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> ServedModel:
     """Creates the session (raising StartupError when the asked provider is not active) and the model's
     batcher or scheduler, then warms it up. Blocking: call it off the event loop."""
@@ -80,13 +109,15 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
     cuda = CudaOptions(
         settings.cuda_device_id, settings.cuda_memory_limit_mb, settings.cuda_arena_extend_strategy.value
     )
+    spinning = settings.intra_op_spinning.spins(generator=config.kind == GENERATOR)
+    mixed_path = mixed_step_file(config, settings)
     session = Session(
         path,
         settings.device,
         settings.intra_op_threads,
         settings.graph_optimization,
         cuda=cuda,
-        spinning=settings.intra_op_spinning.spins(generator=config.kind == GENERATOR),
+        spinning=spinning,
     )
     queue_size = int(_batching(config, settings, "max_queue_size", 1024))
     version = str(config.version)
@@ -129,12 +160,25 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
         served = ServedModel(description, encoder=model, batcher=batcher, session=session)
     else:
         active = int(_batching(config, settings, "max_active_sequences", 16))
+        mixed = None
+        if mixed_path is not None:
+            mixed = Session(
+                mixed_path,
+                settings.device,
+                settings.intra_op_threads,
+                settings.graph_optimization,
+                cuda=cuda,
+                # Two pools that both spin take turns on the cores (in-process, 16 streams: 0.88x); without
+                # the shared pool (share_mixed_threads) the second one sleeps.
+                spinning=spinning and thread_pool_shared(),
+            )
         model = make_generator(
             config,
             session,
             active,
             int(_batching(config, settings, "kv_cache_tokens", 0)),
             settings.device_sampling.enabled,
+            mixed,
         )
         description = ModelDescription(
             name=config.name,
@@ -171,6 +215,11 @@ def load_model(config: ModelConfig, settings: Settings, metrics: Metrics) -> Ser
             logits, cache = model.decode(
                 greedy_tokens(logits), [len(p) + step for p in prompts], cache
             )
+        if mixed is not None and model.pool.free and max(cache.lengths) < model.sequence_limit:
+            # the mixed-step graph's first call, not a client's
+            slot = model.pool.take()
+            model.decode_with_chunk(greedy_tokens(logits), cache, slot, ids[:1], 0)
+            model.pool.release([slot])
         cache.release()
         served = ServedModel(description, scheduler=scheduler, session=session)
     log.info(

@@ -69,6 +69,8 @@ class ModelConfig:
     generation: dict[str, Any] = dataclasses.field(default_factory=dict)
     kv_cache: str = KV_CONCAT
     default_variant: str = "fp32"
+    # Shared-buffer decoders: each variant's mixed-step graph (decode rows and a prompt chunk in one call)
+    mixed_steps: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -87,6 +89,11 @@ class ModelConfig:
             )
             variant = "fp32"
         return variant, self.path / self.variants.get(variant, "model.onnx")
+
+    def mixed_step_file(self, variant: str) -> Path | None:
+        """The variant's mixed-step graph (export/mixed_step.py), when the export wrote one and it is there."""
+        name = self.mixed_steps.get(variant)
+        return self.path / name if name and (self.path / name).is_file() else None
 
     @classmethod
     def read(cls, version_dir: Path) -> ModelConfig:
@@ -123,6 +130,7 @@ class ModelConfig:
                 generation=dict(raw.get("generation", {})),
                 kv_cache=onnx.get("kv_cache", KV_CONCAT),
                 default_variant=onnx.get("default_variant", "fp32"),
+                mixed_steps=dict(onnx.get("mixed_step") or {}),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise StartupError(f"{path}: cannot read the model config ({type(exc).__name__}: {exc})") from exc

@@ -107,6 +107,35 @@ def requested_providers(device: Device) -> list[str]:
     return list(_REQUESTED[device])
 
 
+# The intra-op threads of ONNX Runtime's global thread pool, once `share_thread_pool` created it.
+_shared_threads: int | None = None
+
+
+def share_thread_pool(threads: int) -> None:
+    """From now on every session of this process runs on one pool of `threads` intra-op threads (0: one per
+    core) that spin while they wait (ONNX Runtime's global thread pool; its threads always spin). For a server
+    whose sessions take turns on the same cores (a generator and its mixed-step graph): two spinning pools would
+    fight over them. Once per process: ONNX Runtime can neither replace that pool nor, once it is there, create
+    a session with threads of its own."""
+    global _shared_threads
+    if _shared_threads is not None:
+        raise RuntimeError("the shared thread pool is already there")
+    ort.set_global_thread_pool_sizes(threads, 1)
+    _shared_threads = threads
+    log.info("every session shares one pool of %s spinning intra-op threads", threads or "one per core's")
+
+
+def thread_pool_shared() -> bool:
+    return _shared_threads is not None
+
+
+def apply_thread_pool(options: ort.SessionOptions) -> None:
+    """A session of this process on the shared pool, when there is one (it must be: ONNX Runtime refuses a
+    session with threads of its own then)."""
+    if _shared_threads is not None:
+        options.use_per_session_threads = False
+
+
 class Session:
     """One ONNX Runtime session and the provider really in use. ``run`` is thread-safe (ONNX Runtime's own
     guarantee) and releases the GIL while it computes, so it belongs in a worker thread, off the event loop."""
@@ -130,6 +159,7 @@ class Session:
         # Spinning (a worker waiting for its next piece of work busy-waits for a while before it sleeps): off by
         # default, as it takes CPU from the event loop (docs/server.md, "Execution providers").
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        apply_thread_pool(options)  # then `intra_op_threads` and spinning are the shared pool's
         requested = requested_providers(device)
         cuda = cuda or CudaOptions()
         self.path = path

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,8 @@ from .slot_cache import SlotCache, SlotPool
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 8
+# The mixed-step graph's names for the chunk's inputs and outputs: chunk_ids, chunk_mask, chunk_past_key_values.*
+CHUNK_PREFIX = "chunk_"
 # Texts longer than this (characters) are tokenized without holding the GIL (see GeneratorModel._encode).
 GIL_FREE_CHARS = 4096
 
@@ -232,8 +234,12 @@ class SharedBufferGenerator(GeneratorModel):
         slots: int,
         kv_cache_tokens: int = 0,
         device_sampling: bool | None = None,
+        mixed: Session | None = None,
     ) -> None:
         super().__init__(config, session, slots, kv_cache_tokens)
+        # The mixed-step graph's session (export/mixed_step.py): decode rows and a prompt chunk in one call.
+        self.mixed = mixed
+        self._mixed_binding: tuple[tuple[int, int], ort.IOBinding] | None = None
         self.num_kv_heads = int(self.config.architecture.get("num_kv_heads") or self.num_heads)
         self.pool = SlotPool(
             self.num_layers,
@@ -277,12 +283,12 @@ class SharedBufferGenerator(GeneratorModel):
     def reset(self) -> None:
         self.pool.reset()
 
-    def _bind_cache(self, binding: ort.IOBinding, first_slot: int, rows: int) -> None:
+    def _bind_cache(self, binding: ort.IOBinding, first_slot: int, rows: int, prefix: str = "") -> None:
         shape = (rows, *self.pool.row_shape)
         device, device_id = self.pool.device, self.pool.device_id
         for (past, present), pointer in zip(self._cache_names, self.pool.pointers(first_slot)):
-            binding.bind_input(past, device, device_id, self._element, shape, pointer)
-            binding.bind_output(present, device, device_id, self._element, shape, pointer)
+            binding.bind_input(prefix + past, device, device_id, self._element, shape, pointer)
+            binding.bind_output(prefix + present, device, device_id, self._element, shape, pointer)
 
     def _run(
         self,
@@ -291,15 +297,16 @@ class SharedBufferGenerator(GeneratorModel):
         mask: np.ndarray,
         interrupt: Interrupt | None = None,
         on_device: bool = False,
+        session: Session | None = None,
     ) -> np.ndarray | DeviceLogits:
         """Last-position logits (B, vocab): float32 on the host, or (`on_device`, with a sampling head) left
-        where the model computed them."""
+        where the model computed them. `session`: the mixed-step graph's (default: the model's)."""
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
         on_device = on_device and self.head is not None
         binding.bind_output("logits", self.pool.device if on_device else "cpu", self.pool.device_id if on_device else 0)
         try:
-            self.session.run_with_iobinding(binding, interrupt and interrupt.run_options)
+            (session or self.session).run_with_iobinding(binding, interrupt and interrupt.run_options)
         except Exception as exc:
             if interrupt is not None and interrupt.fired:
                 raise Interrupted("the call was interrupted") from exc
@@ -366,13 +373,8 @@ class SharedBufferGenerator(GeneratorModel):
         """One step over slots 0..highest in use; `positions` are implied by the slots' lengths. A slot not in
         the batch gets a dummy token after the prompt tokens it holds (a prompt being written by chunks, or
         one kept for prefix caching), where it overwrites nothing held; its output is ignored."""
-        span = max(cache.slots) + 1
-        input_ids = np.zeros((span, 1), dtype=np.int64)
-        lengths = np.fromiter((self.pool.held(s) for s in range(span)), dtype=np.int64, count=span)
-        input_ids[cache.slots, 0] = tokens
-        lengths[cache.slots] = cache.lengths
-        width = int(lengths.max()) + 1
-        mask = (np.arange(width) <= lengths[:, None]).astype(np.int64)
+        input_ids, mask = self._step_inputs(tokens, cache)
+        span = len(input_ids)
         # The cache bindings depend only on how many slots the step spans: reuse them while that holds.
         if self._decode_binding is None or self._decode_binding[0] != span:
             binding = self.session.session.io_binding()
@@ -380,6 +382,47 @@ class SharedBufferGenerator(GeneratorModel):
             self._decode_binding = (span, binding)
         logits = self._run(self._decode_binding[1], input_ids, mask, on_device=True)
         return logits[cache.slots], SlotCache(self.pool, cache.slots, [n + 1 for n in cache.lengths])
+
+    def decode_with_chunk(
+        self, tokens: Sequence[int], cache: SlotCache, slot: int, ids: Sequence[int], done: int
+    ) -> tuple[np.ndarray, SlotCache, np.ndarray]:
+        """`decode` and `prefill_chunk(slot, ids, done)` in one call of the mixed-step graph (the weights read
+        once for both); returns the rows' logits, their cache, and the chunk's last-position logits (1, vocab),
+        all on the host. The chunk's slot, when the step spans it, takes its row's dummy token after the chunk
+        (the two attention nodes of a layer never write the same position)."""
+        assert self.mixed is not None
+        input_ids, mask = self._step_inputs(tokens, cache, {slot: done + len(ids)})
+        span = len(input_ids)
+        if self._mixed_binding is None or self._mixed_binding[0] != (span, slot):
+            binding = self.mixed.session.io_binding()
+            self._bind_cache(binding, 0, span)
+            self._bind_cache(binding, slot, 1, CHUNK_PREFIX)
+            self._mixed_binding = ((span, slot), binding)
+        binding = self._mixed_binding[1]
+        chunk_ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        binding.bind_cpu_input(CHUNK_PREFIX + "ids", chunk_ids)
+        binding.bind_cpu_input(CHUNK_PREFIX + "mask", np.ones((1, done + chunk_ids.shape[1]), dtype=np.int64))
+        self.pool.writing(slot, done)
+        logits = self._run(binding, input_ids, mask, session=self.mixed)
+        self.pool.wrote(slot, done, ids)
+        rows = SlotCache(self.pool, cache.slots, [n + 1 for n in cache.lengths])
+        return logits[cache.slots], rows, logits[span:]
+
+    def _step_inputs(
+        self, tokens: Sequence[int], cache: SlotCache, held: Mapping[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A decode step's `input_ids` (span, 1) and `attention_mask` over slots 0..highest in use; an idle
+        slot's dummy token goes after what it holds (`held` overrides the pool's record)."""
+        span = max(cache.slots) + 1
+        input_ids = np.zeros((span, 1), dtype=np.int64)
+        lengths = np.fromiter((self.pool.held(s) for s in range(span)), dtype=np.int64, count=span)
+        for slot, n in (held or {}).items():
+            if slot < span:
+                lengths[slot] = n
+        input_ids[cache.slots, 0] = tokens
+        lengths[cache.slots] = cache.lengths
+        width = int(lengths.max()) + 1
+        return input_ids, (np.arange(width) <= lengths[:, None]).astype(np.int64)
 
 
 def batchable(lengths: Sequence[int], slots: Sequence[int], budget: float) -> int:
@@ -403,12 +446,14 @@ def make_generator(
     max_active_sequences: int,
     kv_cache_tokens: int = 0,
     device_sampling: bool | None = None,
+    mixed: Session | None = None,
 ) -> GeneratorModel:
     """The model class for the graph's contract (config.json's `onnx.kv_cache`). Raises StartupError when
     `kv_cache_tokens` is too small for one sequence. `device_sampling` (shared-buffer decoders; None: on a
-    GPU): decode steps rank their logits on the device."""
+    GPU): decode steps rank their logits on the device. `mixed`: the session of the variant's mixed-step
+    graph (shared-buffer decoders)."""
     if config.kv_cache == "shared_buffer":
-        return SharedBufferGenerator(config, session, max_active_sequences, kv_cache_tokens, device_sampling)
+        return SharedBufferGenerator(config, session, max_active_sequences, kv_cache_tokens, device_sampling, mixed)
     return GeneratorModel(config, session, max_active_sequences, kv_cache_tokens)
 
 

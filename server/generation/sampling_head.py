@@ -27,6 +27,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from ..runtime import apply_thread_pool
+
 # The ONNX IR version the head is written with (onnxruntime 1.31 reads up to 13).
 IR_VERSION = 8
 OPSET = 18
@@ -95,6 +97,7 @@ class SamplingHead:
             options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        apply_thread_pool(options)
         self.session = ort.InferenceSession(
             head_graph(vocab, dtype).SerializeToString(),
             options,

@@ -208,3 +208,27 @@ def test_prefix_caching_gives_the_same_answers_and_is_counted(llm_srv: ServerPro
     with start(llm_repo, "--prefix-caching", "off") as plain:
         assert answers(plain.target) == cached
         assert sample(scrape(plain), "nlpserve_prompt_tokens_cached_total", model="tinyllama") == 0
+
+
+def test_mixed_steps_share_one_thread_pool_and_give_the_same_answers(llm_srv: ServerProcess, llm_repo: Path) -> None:
+    # tinyllama's export wrote a mixed-step graph: the default server loads it beside model.onnx, and every
+    # session of the process runs on one shared pool of spinning threads. Chats sent together (some of them
+    # prefilled inside another's decode call, as they happen to arrive) get the answers of a server without
+    # mixed steps, which keeps a thread pool per session.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from e2e_util import scrape
+
+    system = ("system", "You are a careful assistant. You answer every question in one short sentence.")
+    chats = [[system, ("user", f"Question number {i}: what is {i} and {i}?")] for i in range(8)]
+
+    def answers(target: str) -> list:
+        with Client(target) as client, ThreadPoolExecutor(len(chats)) as pool:
+            return list(pool.map(lambda c: tuple(client.chat(c, model="tinyllama", max_new_tokens=16).token_ids), chats))
+
+    together = answers(llm_srv.target)
+    assert "every session shares one pool of" in llm_srv.logs()
+    assert ("nlpserve_prompt_tokens_in_decode_total", (("model", "tinyllama"),)) in scrape(llm_srv)
+    with start(llm_repo, "--mixed-steps", "off") as plain:
+        assert answers(plain.target) == together
+        assert "every session shares one pool of" not in plain.logs()

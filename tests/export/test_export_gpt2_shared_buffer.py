@@ -99,3 +99,15 @@ def test_variants_and_llama_concat_are_refused(llm_checkpoints, tmp_path: Path) 
         "error: Llama-family graphs are shared-buffer only (--kv-cache concat is for GPT-2)"
     )
     assert not (tmp_path / "models").exists()
+
+
+def test_no_mixed_step_graph_for_gpt2_positions(gpt2_repo: Path) -> None:
+    """GPT-2's position embeddings are computed from the mask outside the attention op: the mixed-step transform
+    refuses such a graph (nothing is written), and the server prefills its prompts in calls of their own."""
+    from export import mixed_step
+
+    version = gpt2_repo / "gpt2slots" / "1"
+    assert "mixed_step" not in config_of(gpt2_repo / "gpt2slots")["onnx"]
+    with pytest.raises(mixed_step.UnsupportedGraph, match="attention mask"):
+        mixed_step.transform(onnx.load(str(version / "model.onnx"), load_external_data=False))
+    assert not list(version.glob("*.mixed.onnx"))

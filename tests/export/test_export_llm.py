@@ -62,6 +62,26 @@ def test_variant_is_verified_and_recorded(llm_repo: Path, name: str, variant: st
         assert graph.input[-1].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
+@pytest.mark.parametrize("name", ["tinyllama", "tinyqwen"])
+def test_every_variant_has_a_checked_mixed_step_graph(llm_repo: Path, name: str) -> None:
+    """Beside each variant's file, its mixed-step graph (decode rows and a prompt chunk in one call), checked
+    against it by the exporter, on the same external data (the weights are on disk once)."""
+    config = config_of(llm_repo / name)
+    version = llm_repo / name / "1"
+    assert set(config["onnx"]["mixed_step"]) == set(config["onnx"]["variants"])
+    for variant, file in config["onnx"]["variants"].items():
+        mixed = config["onnx"]["mixed_step"][variant]
+        assert mixed == file.replace(".onnx", ".mixed.onnx") and (version / mixed).is_file()
+        assert config["quality"]["parity"][variant]["mixed_step_max_rel_diff"] <= 1e-4
+        graph = onnx.load(str(version / mixed), load_external_data=False).graph
+        names = {i.name for i in graph.input}
+        assert {"input_ids", "chunk_ids", "chunk_mask", "chunk_past_key_values.0.key"} <= names
+        assert {o.name for o in graph.output} >= {"logits", "present.0.key", "chunk_present.0.key"}
+        locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {file + ".data"}
+        assert not list(version.glob("*.mixed.onnx.data"))
+
+
 def test_gguf_file_is_imported(llm_checkpoints, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -137,6 +157,8 @@ def test_import_onnx_serves_a_genai_builder_folder(genai_folder: Path, llm_check
     facts = json.loads((llm_checkpoints["llama"] / "nlpserve-test.json").read_text())
     assert config["generation"]["eos_token_ids"] == facts["eos_ids"]  # both, from genai_config.json
     assert (tmp_path / "models" / "imported" / "1" / "model.onnx.data").is_file()
+    assert config["onnx"]["mixed_step"] == {"fp32": "model.mixed.onnx"}
+    assert quality["mixed_step_max_rel_diff"] <= 1e-4
     if against == "genai":  # and served: the chat answer PyTorch gives through transformers' template
         with ServerProcess(tmp_path / "models") as srv, Client(srv.target) as client:
             answer = client.chat(EOS_CONVERSATION, model="imported", max_new_tokens=20)

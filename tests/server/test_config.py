@@ -26,6 +26,7 @@ def test_defaults_and_flags():
     assert load_settings(["--models", "m", "--intra-op-spinning", "on"], {}).intra_op_spinning.spins(generator=False)
     assert s.prefix_caching.on  # prefix caching by default, off when told
     assert not load_settings(["--models", "m"], {"NLPSERVE_PREFIX_CACHING": "off"}).prefix_caching.on
+    assert s.mixed_steps.on and not load_settings(["--models", "m", "--mixed-steps", "off"], {}).mixed_steps.on
 
 
 def test_environment_fills_what_flags_leave_unset():
@@ -122,3 +123,27 @@ def test_sessions_spin_as_told(quick_repo: Path, flag: str, generator_spins: boo
             assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(expected))
             if served.scheduler is not None:
                 served.scheduler.close()
+
+
+@pytest.mark.parametrize(
+    "flags, mixed",
+    [([], True), (["--mixed-steps", "off"], False), (["--prefill-chunk-tokens", "0"], False)],
+)
+def test_a_mixed_step_graph_gets_a_second_session(llm_repo: Path, flags: list, mixed: bool) -> None:
+    """A shared-buffer generator exported with a mixed-step graph is served with a second session on it. Loaded
+    in a process without the shared thread pool (the server creates that before its first model), the second
+    session's threads do not spin: two spinning pools would take turns on the cores."""
+    from server.metrics import Metrics
+    from server.models import load_model
+    from server.repository import ModelConfig
+
+    settings = load_settings(["--models", str(llm_repo), "--device", "cpu", *flags], {})
+    served = load_model(ModelConfig.read(llm_repo / "tinyllama" / "1"), settings, Metrics())
+    try:
+        model = served.scheduler.model
+        assert (model.mixed is not None) is mixed
+        options = [s.session.get_session_options() for s in (served.session, model.mixed) if s is not None]
+        assert [o.get_session_config_entry("session.intra_op.allow_spinning") for o in options] == ["1", "0"][: len(options)]
+        assert all(o.use_per_session_threads for o in options)
+    finally:
+        served.scheduler.close()

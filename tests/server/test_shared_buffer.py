@@ -7,6 +7,7 @@ chunks."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -239,32 +240,90 @@ def tokens(events: list) -> list[int]:
     return [t for e in events for t in e.token_ids]
 
 
-def test_chunked_prefill_beside_running_streams(generator: SharedBufferGenerator) -> None:
+def beside_a_running_stream(generator: SharedBufferGenerator, watch: Callable = contextlib.nullcontext) -> int:
     """A prompt written 4 tokens per step into a lower slot while a stream decodes in a higher one (the step
-    spans the slot being written): both streams give exactly the tokens of each alone; every slot comes back."""
+    spans the slot being written): both streams give exactly the tokens of each alone; every slot comes back.
+    The scheduler's steps run inside `watch()`. Returns the length of the prompt written in chunks."""
     scheduler = GenerationScheduler(generator, max_active_sequences=3, max_queue_size=8, prefill_chunk_tokens=4)
     results, sink_for = collect()
     ids = {"a": [5, 9], "b": [100, 7, 8], "c": [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]}
-
-    def submit(name: str, max_new: int) -> None:
-        request = GenerateRequest("tinyllama", generator.tokenizer.decode(ids[name]), SamplingParams(max_new_tokens=max_new))
-        prepared = generator.prepare(request)
-        ids[name] = prepared.prompt_ids  # what the tokenizer gives back for the decoded text
-        scheduler.submit(request, sink_for(name), prepared=prepared)
-
-    submit("a", 1)  # slot 0: ends at its first token, a hole below b
-    submit("b", 10)  # slot 1
-    drive(scheduler, 2)
-    assert [s.slot for s in scheduler._active] == [1] and generator.pool.free == generator.pool.slots - 1
-    submit("c", 6)  # slot 0, several steps of 4 prompt tokens while b decodes in slot 1
-    drive(scheduler, 1)
-    assert [s.slot for s in scheduler._prefilling] == [0] or len(ids["c"]) <= 4
-    drive(scheduler)
-    for name, max_new in (("a", 1), ("b", 10), ("c", 6)):
-        alone = greedy_alone(generator, ids[name], max_new)
+    max_new = {"a": 1, "b": 10, "c": 6}
+    prepared = {}
+    for name, prompt in ids.items():
+        request = GenerateRequest("tinyllama", generator.tokenizer.decode(prompt), SamplingParams(max_new_tokens=max_new[name]))
+        prepared[name] = generator.prepare(request)  # its ids: what the tokenizer gives back for the decoded text
+    expected = {}
+    for name, p in prepared.items():
+        alone = greedy_alone(generator, p.prompt_ids, max_new[name])
         ends = [j for j, t in enumerate(alone) if t in generator.eos_ids]
-        assert tokens(results[name]) == (alone[: ends[0] + 1] if ends else alone), name
+        expected[name] = alone[: ends[0] + 1] if ends else alone
+
+    def submit(name: str) -> None:
+        scheduler.submit(prepared[name].request, sink_for(name), prepared=prepared[name])
+
+    with watch():
+        submit("a")  # slot 0: ends at its first token, a hole below b
+        submit("b")  # slot 1
+        drive(scheduler, 2)
+        assert [s.slot for s in scheduler._active] == [1] and generator.pool.free == generator.pool.slots - 1
+        submit("c")  # slot 0, several steps of 4 prompt tokens while b decodes in slot 1
+        drive(scheduler, 1)
+        assert [s.slot for s in scheduler._prefilling] == [0] or len(prepared["c"].prompt_ids) <= 4
+        drive(scheduler)
+    for name in ids:
+        assert tokens(results[name]) == expected[name], name
     assert generator.pool.free == generator.pool.slots
+    return len(prepared["c"].prompt_ids)
+
+
+def test_chunked_prefill_beside_running_streams(generator: SharedBufferGenerator) -> None:
+    beside_a_running_stream(generator)
+
+
+@pytest.fixture(scope="module")
+def mixed_generator(llm_repo: Path) -> SharedBufferGenerator:
+    """tinyllama with the mixed-step graph its export wrote beside model.onnx (export/mixed_step.py)."""
+    config = ModelConfig.read(llm_repo / "tinyllama" / "1")
+    mixed = config.mixed_step_file("fp32")
+    assert mixed is not None and mixed.name == "model.mixed.onnx"
+    model = make_generator(
+        config, Session(config.path / "model.onnx", Device.CPU), 4, mixed=Session(mixed, Device.CPU)
+    )
+    assert isinstance(model, SharedBufferGenerator)
+    return model
+
+
+def test_mixed_steps_write_the_prompt_in_the_decode_call(mixed_generator: SharedBufferGenerator) -> None:
+    """With the mixed-step graph, each chunk of the prompt goes into the running stream's decode call (its
+    slot inside the span the call binds): the same tokens as each stream alone, no prefill call of its own."""
+    model = mixed_generator
+    real, calls = model.decode_with_chunk, []
+
+    def spy(tokens, cache, slot, ids, done):
+        calls.append((slot, len(ids), done))
+        return real(tokens, cache, slot, ids, done)
+
+    model.decode_with_chunk = spy
+    alone: list[list[tuple[int, int]]] = []
+
+    @contextlib.contextmanager
+    def watch():
+        alone.append(spy_rows(model))
+        try:
+            yield
+        finally:
+            del model.prefill_rows
+
+    try:
+        length = beside_a_running_stream(model, watch)
+    finally:
+        del model.decode_with_chunk
+    # a and b had prefill calls of their own (nothing decoding beside them: a ends at its first token); c's
+    # whole prompt went in chunks of 4 into slot 0, inside b's decode calls, and no call of its own
+    assert [slot for slot, _ in alone[0]].count(0) == 1  # a's
+    assert calls and all(slot == 0 and n <= 4 for slot, n, _ in calls)
+    assert [done for _, _, done in calls] == list(range(0, length, 4))
+    assert sum(n for _, n, _ in calls) == length
 
 
 def test_a_burst_of_one_length_is_prefilled_together_beside_a_running_stream(
@@ -508,3 +567,46 @@ def test_a_shared_beginning_is_copied_not_prefilled(generator: SharedBufferGener
         ends = [j for j, t in enumerate(alone) if t in generator.eos_ids]
         assert tokens(results[name]) == (alone[: ends[0] + 1] if ends else alone), name
     assert generator.pool.free == generator.pool.slots
+
+
+def test_a_shared_beginning_rides_in_the_decode_call(mixed_generator: SharedBufferGenerator) -> None:
+    """Prefix caching with mixed steps: the rest of each prompt whose beginning was copied from a slot goes into
+    the running stream's decode call, one prompt a step, after the copied tokens; a prompt arriving with
+    nothing decoding has a call of its own. Every stream gives the tokens it gives alone."""
+    model = mixed_generator
+    model.reset()
+    scheduler = GenerationScheduler(model, max_active_sequences=4, max_queue_size=8, prefill_chunk_tokens=64)
+    results, sink_for = collect()
+    shared = list(range(3, 3 + 20))
+    prompts = {"first": [*shared, 40, 41], "second": [*shared, 50, 51, 52], "third": [*shared, 60, 61, 62],
+               "again": [*shared, 50, 51, 52]}
+
+    def submit(name: str, max_new: int) -> None:
+        request = GenerateRequest("tinyllama", "(the ids)", SamplingParams(max_new_tokens=max_new))
+        scheduler.submit(request, sink_for(name), prepared=PreparedRequest(request, prompts[name], max_new, 0))
+
+    real, rode = model.decode_with_chunk, []
+
+    def spy(tokens, cache, slot, ids, done):
+        rode.append((slot, len(ids), done, len(tokens)))
+        return real(tokens, cache, slot, ids, done)
+
+    model.decode_with_chunk = spy
+    calls = spy_writes(model)
+    try:
+        submit("first", 8)
+        drive(scheduler, 2)
+        submit("second", 6)
+        submit("third", 5)
+        drive(scheduler)
+        submit("again", 6)
+        drive(scheduler)
+    finally:
+        del model.prefill_rows, model.decode_with_chunk
+    assert calls == [(0, 22, 0), (0, 1, 22)]  # `first` and `again` (nothing decoding beside it) alone
+    assert rode == [(1, 3, 20, 1), (2, 3, 20, 2)]  # beside `first`, then beside `first` and `second`
+    for name, max_new in (("first", 8), ("second", 6), ("third", 5), ("again", 6)):
+        alone = greedy_alone(model, prompts[name], max_new)
+        ends = [j for j, t in enumerate(alone) if t in model.eos_ids]
+        assert tokens(results[name]) == (alone[: ends[0] + 1] if ends else alone), name
+    assert model.pool.free == model.pool.slots

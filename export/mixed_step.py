@@ -87,6 +87,8 @@ def transform(model: Any) -> Any:
     if reads != {"attention_mask"}:
         raise UnsupportedGraph(f"the attention lengths come from {sorted(reads)}, not the attention mask alone")
     # Every other reader of the mask or of the ids' shape would need its own split (GPT-2's positions do).
+    # The mask is checked over the whole graph before the ids, so that the reason given does not depend on the
+    # exporter's node order.
     mask_outputs = {out for n in mask_nodes for out in n.output}
     for node in nodes:
         if node in mask_nodes:
@@ -97,6 +99,7 @@ def transform(model: Any) -> Any:
             used = set(node.input)
         if "attention_mask" in used or used & mask_outputs:
             raise UnsupportedGraph(f"{node.name} reads the attention mask outside the attention lengths")
+    for node in nodes:
         if "input_ids" in node.input and node.op_type not in ("Gather", "GatherBlockQuantized"):
             raise UnsupportedGraph(f"{node.name} ({node.op_type}) reads input_ids beside the embedding")
     # The head: the projection computing `logits` (through a Cast in fp16 graphs). Its input is the last

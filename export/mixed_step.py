@@ -203,22 +203,20 @@ def transform(model: Any) -> Any:
         helper.make_tensor_value_info(CHUNK + "ids", TensorProto.INT64, [1, "chunk_length"]),
         helper.make_tensor_value_info(CHUNK + "mask", TensorProto.INT64, [1, "chunk_total_length"]),
     ]
-    for value in graph.input:
-        if value.name.startswith("past_key_values."):
-            extra = onnx.ValueInfoProto()
-            extra.CopyFrom(value)
-            extra.name = CHUNK + value.name
-            extra.type.tensor_type.shape.dim[0].dim_value = 1
-            extra_inputs.append(extra)
+    def chunk_value(value: Any) -> Any:
+        """The chunk's one-row copy of a cache input or output."""
+        extra = onnx.ValueInfoProto()
+        extra.CopyFrom(value)
+        extra.name = CHUNK + value.name
+        extra.type.tensor_type.shape.dim[0].dim_value = 1
+        return extra
+
+    extra_inputs += [chunk_value(v) for v in graph.input if v.name.startswith("past_key_values.")]
     graph.input.extend(extra_inputs)
     extra_outputs = []
     for value in graph.output:
         if value.name.startswith("present."):
-            extra = onnx.ValueInfoProto()
-            extra.CopyFrom(value)
-            extra.name = CHUNK + value.name
-            extra.type.tensor_type.shape.dim[0].dim_value = 1
-            extra_outputs.append(extra)
+            extra_outputs.append(chunk_value(value))
         elif value.name == "logits":
             value.type.tensor_type.shape.dim[0].dim_param = "rows_and_chunk"
     graph.output.extend(extra_outputs)

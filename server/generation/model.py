@@ -385,11 +385,13 @@ class SharedBufferGenerator(GeneratorModel):
 
     def decode_with_chunk(
         self, tokens: Sequence[int], cache: SlotCache, slot: int, ids: Sequence[int], done: int
-    ) -> tuple[np.ndarray, SlotCache, np.ndarray]:
+    ) -> tuple[np.ndarray | DeviceLogits, SlotCache, np.ndarray | DeviceLogits]:
         """`decode` and `prefill_chunk(slot, ids, done)` in one call of the mixed-step graph (the weights read
-        once for both); returns the rows' logits, their cache, and the chunk's last-position logits (1, vocab),
-        all on the host. The chunk's slot, when the step spans it, takes its row's dummy token after the chunk
-        (the two attention nodes of a layer never write the same position)."""
+        once for both); returns the rows' logits, their cache, and the chunk's last-position logits (1, vocab).
+        The logits are a decode step's: left on the device for the sampling head when there is one (the
+        chunk's row is ranked in the same run, and only read when the prompt is complete). The chunk's slot,
+        when the step spans it, takes its row's dummy token after the chunk (the two attention nodes of a layer
+        never write the same position)."""
         assert self.mixed is not None
         input_ids, mask = self._step_inputs(tokens, cache, {slot: done + len(ids)})
         span = len(input_ids)
@@ -403,10 +405,10 @@ class SharedBufferGenerator(GeneratorModel):
         binding.bind_cpu_input(CHUNK_PREFIX + "ids", chunk_ids)
         binding.bind_cpu_input(CHUNK_PREFIX + "mask", np.ones((1, done + chunk_ids.shape[1]), dtype=np.int64))
         self.pool.writing(slot, done)
-        logits = self._run(binding, input_ids, mask, session=self.mixed)
+        logits = self._run(binding, input_ids, mask, on_device=True, session=self.mixed)
         self.pool.wrote(slot, done, ids)
         rows = SlotCache(self.pool, cache.slots, [n + 1 for n in cache.lengths])
-        return logits[cache.slots], rows, logits[span:]
+        return logits[cache.slots], rows, logits[[span]]
 
     def _step_inputs(
         self, tokens: Sequence[int], cache: SlotCache, held: Mapping[int, int] | None = None

@@ -37,6 +37,7 @@ from .detokenize import IncrementalDetokenizer
 from .kv_cache import KVCache
 from .model import GeneratorModel, Interrupt, Interrupted, PreparedRequest, SharedBufferGenerator, batchable
 from .sampling import Sampler, finite_rows, sample_batch
+from .sampling_head import DeviceLogits
 from .slot_cache import SlotCache
 from .stopping import StopMatcher
 
@@ -614,7 +615,7 @@ class GenerationScheduler:
         if riding is not None:
             self._rode(*riding, chunk_logits, time.monotonic() - start, events)
 
-    def _rode(self, seq: _Sequence, n: int, logits: np.ndarray, seconds: float, events) -> None:
+    def _rode(self, seq: _Sequence, n: int, logits: np.ndarray | DeviceLogits, seconds: float, events) -> None:
         """The chunk of `seq`'s prompt that went into the step's call is written: the sequence joins the batch
         when its prompt is complete."""
         seq.prefill_seconds += seconds

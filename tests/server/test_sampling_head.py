@@ -143,3 +143,45 @@ def test_a_decoder_with_the_head_decodes_the_same_tokens(tinyllama, chunk: int) 
         if sampling:  # the non-finite flags come from the run that ranks the candidates: one run a step
             assert 0 < runs["head"] <= runs["decode"], runs
     assert outputs[True] == outputs[False]
+
+
+def test_chunks_riding_in_decode_calls_are_ranked_by_the_head(tinyllama) -> None:
+    """Mixed steps (a prompt's chunk inside the running rows' decode call, export/mixed_step.py) take the head's
+    path too: the call's logits stay where they were computed, the rows' and the chunk's ranked in one head
+    run, and the tokens are those of the same generator without the head."""
+    config, session = tinyllama
+    mixed = Session(config.mixed_step_file("fp32"), Device.CPU)
+    params = [
+        SamplingParams(max_new_tokens=10),
+        SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, seed=5),
+        SamplingParams(max_new_tokens=10, temperature=0.8, top_k=8, repetition_penalty=1.3, seed=7),
+    ]
+    # the first prompt is written alone; the others arrive a step later, while it decodes, and ride in chunks
+    prompts = ["a b c d e f g", "the cat sat on the mat", "one two three four five six seven"]
+    outputs = {}
+    for sampling in (False, True):
+        model = make_generator(config, session, 3, device_sampling=sampling, mixed=mixed)
+        calls: list[tuple[type, type, int]] = []
+        real = model.decode_with_chunk
+
+        def spy(*args, real=real, calls=calls):
+            rows, cache, chunk = real(*args)
+            calls.append((type(rows), type(chunk), len(chunk)))
+            return rows, cache, chunk
+
+        model.decode_with_chunk = spy
+        scheduler = GenerationScheduler(model, max_active_sequences=3, max_queue_size=8, prefill_chunk_tokens=4)
+        results: dict[int, list] = {i: [] for i in range(len(prompts))}
+        scheduler.submit(GenerateRequest("tinyllama", prompts[0], params[0]), results[0].append)
+        drive(scheduler, steps=3)  # its prompt written, its first decode steps
+        assert scheduler._active and not calls
+        for i in (1, 2):
+            scheduler.submit(GenerateRequest("tinyllama", prompts[i], params[i]), results[i].append)
+        drive(scheduler)
+        for events in results.values():
+            assert events and all(not isinstance(e, BaseException) for e in events), events
+        outputs[sampling] = {i: [e.token_ids for e in events] for i, events in results.items()}
+        assert model.pool.free == model.pool.slots
+        kind = DeviceLogits if sampling else np.ndarray
+        assert calls and all(rows is kind and chunk is kind and n == 1 for rows, chunk, n in calls), calls
+    assert outputs[True] == outputs[False]

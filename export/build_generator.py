@@ -225,6 +225,14 @@ def build(opts: GeneratorOptions, version_dir: Path) -> dict[str, Any]:
             files[variant] = path.name
 
     repo_config["onnx"]["variants"] = files
+    if shared:  # each variant's mixed-step graph (mixed_step.py), checked against the variant's own
+        from export import build_llm
+
+        mixed = build_llm.write_mixed_steps(version_dir, files, architecture)
+        if mixed:
+            repo_config["onnx"]["mixed_step"] = {variant: entry["file"] for variant, entry in mixed.items()}
+        for variant, entry in mixed.items():
+            parity[variant]["mixed_step_max_rel_diff"] = entry["max_rel_diff"]
     write_json(version_dir / "config.json", {
         **repo_config,
         "provenance": {

@@ -17,8 +17,14 @@ q/k/v), takes both in one call:
 
 The graph refers to the model's external data file, so the weights are on disk once. It is written beside the
 model as `<file stem>.mixed.onnx` (`mixed_name`) and checked against the plain graph (`check`) by the exporter;
-the server uses it when it is there (docs/server.md, "Mixed steps"). Graphs of another layout (a position
-subgraph outside the attention op, as GPT-2's) are refused with UnsupportedGraph and served without it.
+the server uses it when it is there (docs/server.md, "Mixed steps").
+
+GPT-2's graph (gpt2_shared_buffer.py) has learned position embeddings: a Gather from a table, its indices
+computed from the mask and the ids' shape. The mixed graph keeps that subgraph for the rows and runs a copy of it
+on the chunk's inputs, and joins the two (the rows' positions, then the chunk's). Its head slices the last
+position before the final norm: there the slice gives way to the pick of the rows' and the chunk's last
+positions. Graphs of another layout, or whose activations are quantized per call (dynamic int8), are refused
+with UnsupportedGraph and served without it.
 """
 
 from __future__ import annotations
@@ -64,6 +70,23 @@ def _upstream(tensors: list[str], producers: dict[str, Any]) -> list[Any]:
     return seen
 
 
+def _last_position_slice(producers: dict[str, Any], graph: Any) -> Any:
+    """The Slice of the last position (starts -1, axes 1) on the way from `logits` back through the head's
+    per-row nodes, or None."""
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name and not t.external_data}
+    node = producers.get("logits")
+    while node is not None and node.op_type in ("Cast", "Unsqueeze", "Reshape", "Gemm", "MatMul", "LayerNormalization"):
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "Slice" or len(node.input) < 4:
+        return None
+    starts, axes = values.get(node.input[1]), values.get(node.input[3])
+    if starts is None or axes is None or starts.tolist() != [-1] or axes.tolist() != [1]:
+        return None
+    return node
+
+
 def transform(model: Any) -> Any:
     """The mixed-step ModelProto of a shared-buffer decoder's ModelProto (loaded without its external data).
     Raises UnsupportedGraph when the layout differs."""
@@ -77,6 +100,9 @@ def transform(model: Any) -> Any:
     attention = [n for n in nodes if n.op_type == GQA]
     if not attention:
         raise UnsupportedGraph("no GroupQueryAttention node")
+    if any(n.op_type == "DynamicQuantizeLinear" for n in nodes):  # int8 with activations quantized per call
+        raise UnsupportedGraph("dynamic quantization takes one scale over all of a call's tokens: the rows' and "
+                               "the chunk's would change each other's numbers")
     lengths, total = attention[0].input[5], attention[0].input[6]
     if any(n.input[5] != lengths or n.input[6] != total for n in attention):
         raise UnsupportedGraph("the attention nodes do not share one length input")
@@ -86,39 +112,65 @@ def transform(model: Any) -> Any:
     reads = {i for n in mask_nodes for i in n.input if i in graph_inputs}
     if reads != {"attention_mask"}:
         raise UnsupportedGraph(f"the attention lengths come from {sorted(reads)}, not the attention mask alone")
-    # Every other reader of the mask or of the ids' shape would need its own split (GPT-2's positions do).
-    # The mask is checked over the whole graph before the ids, so that the reason given does not depend on the
-    # exporter's node order.
-    mask_outputs = {out for n in mask_nodes for out in n.output}
+    # Learned position embeddings (GPT-2): a Gather from a table whose indices are computed from the mask and the
+    # ids' shape. Each side computes its own: the rows' subgraph as it is, a copy on the chunk's inputs.
+    initializers = {t.name for t in graph.initializer}
+    position_gathers = []
     for node in nodes:
-        if node in mask_nodes:
+        if node.op_type != "Gather" or node.input[0] not in initializers or node.input[1] == "input_ids":
+            continue
+        upstream = [n for n in _upstream([node.input[1]], producers) if n.op_type != "Constant"]
+        if any(i in ("attention_mask", "input_ids") for n in upstream for i in n.input):
+            position_gathers.append(node)
+    positions = [n.input[1] for n in position_gathers]
+    side_nodes = [n for n in _upstream([lengths, total, *positions], producers) if n.op_type != "Constant"]
+    reads = {i for n in side_nodes for i in n.input if i in graph_inputs}
+    if not reads <= {"attention_mask", "input_ids"}:
+        raise UnsupportedGraph(f"the attention lengths or positions read {sorted(reads)}")
+    # Every other reader of the mask or of what is computed from it would need its own split. The mask is
+    # checked over the whole graph before the ids, so that the reason given does not depend on the exporter's
+    # node order.
+    side_outputs = {out for n in side_nodes for out in n.output}
+    for node in nodes:
+        if any(node is n for n in side_nodes):
             continue
         if node.op_type == GQA:
             used = {name for k, name in enumerate(node.input) if k not in (5, 6)}
+        elif any(node is n for n in position_gathers):
+            used = {node.input[0]}
         else:
             used = set(node.input)
-        if "attention_mask" in used or used & mask_outputs:
+        if "attention_mask" in used or used & side_outputs:
             raise UnsupportedGraph(f"{node.name} reads the attention mask outside the attention lengths")
     for node in nodes:
+        if any(node is n for n in side_nodes):
+            continue
         if "input_ids" in node.input and node.op_type not in ("Gather", "GatherBlockQuantized"):
             raise UnsupportedGraph(f"{node.name} ({node.op_type}) reads input_ids beside the embedding")
     # The head: the projection computing `logits` (through a Cast in fp16 graphs). Its input is the last
     # position's hidden state when the builder pruned it (Gather(-1) + Unsqueeze: skipped here), else every
     # position's; either way the mixed graph gives it the rows' positions and the chunk's last one.
+    # GPT-2's graph (gpt2_shared_buffer.py) slices the last position before its final norm and the projection
+    # (Slice, LayerNormalization, Reshape to rows, Gemm, Unsqueeze): there the slice is what gives way to the
+    # mixed graph's pick, and the nodes after it work on the picked rows as they are.
+    last_slice = _last_position_slice(producers, graph)
     head_node = producers.get("logits")
     while head_node is not None and head_node.op_type == "Cast":
         head_node = producers.get(head_node.input[0])
-    if head_node is None or head_node.op_type not in ("MatMul", "MatMulNBits", "Gemm"):
+    if last_slice is None and (head_node is None or head_node.op_type not in ("MatMul", "MatMulNBits", "Gemm")):
         raise UnsupportedGraph("logits do not come from a projection")
-    hidden = head_node.input[0]
     skipped: list[Any] = []
-    unsqueeze = producers.get(hidden)
-    if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze":
-        prune = producers.get(unsqueeze.input[0])
-        axis = next((a.i for a in prune.attribute if a.name == "axis"), 0) if prune is not None else None
-        if prune is None or prune.op_type != "Gather" or axis != 1:
-            raise UnsupportedGraph(f"{unsqueeze.name}: not the builder's last-position prune")
-        skipped, hidden = [prune, unsqueeze], prune.input[0]
+    if last_slice is not None:
+        head_node, hidden = last_slice, last_slice.input[0]
+    else:
+        hidden = head_node.input[0]
+        unsqueeze = producers.get(hidden)
+        if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze":
+            prune = producers.get(unsqueeze.input[0])
+            axis = next((a.i for a in prune.attribute if a.name == "axis"), 0) if prune is not None else None
+            if prune is None or prune.op_type != "Gather" or axis != 1:
+                raise UnsupportedGraph(f"{unsqueeze.name}: not the builder's last-position prune")
+            skipped, hidden = [prune, unsqueeze], prune.input[0]
 
     def const(name: str, values: list[int], scalar: bool = False) -> Any:
         return helper.make_node(
@@ -141,9 +193,9 @@ def transform(model: Any) -> Any:
         helper.make_node("Range", [m + "zero_s", m + "rows_s", m + "one_s"], [m + "row_positions"]),
         helper.make_node("Concat", [m + "row_positions", m + "last"], [m + "picked"], axis=0),
     ]
-    renamed = {"attention_mask": CHUNK + "mask"}
+    renamed = {"attention_mask": CHUNK + "mask", "input_ids": CHUNK + "ids"}
     chunk_mask_nodes = []
-    for node in mask_nodes:
+    for node in side_nodes:
         clone = onnx.NodeProto()
         clone.CopyFrom(node)
         clone.name = node.name + "/chunk"
@@ -158,15 +210,23 @@ def transform(model: Any) -> Any:
         if any(node is n for n in skipped):
             continue
         if node is head_node:
-            body += [
-                helper.make_node("Gather", [hidden, m + "picked"], [m + "picked_hidden"], axis=1),  # (1, B+1, H)
-                helper.make_node("Transpose", [m + "picked_hidden"], [m + "head_input"], perm=[1, 0, 2]),
-            ]
+            body.append(helper.make_node("Gather", [hidden, m + "picked"], [m + "picked_hidden"], axis=1))
+            if node is last_slice:  # the slice's output, (B + 1, 1, H), now the picked positions
+                body.append(helper.make_node("Transpose", [m + "picked_hidden"], [node.output[0]], perm=[1, 0, 2]))
+                continue
+            body.append(helper.make_node("Transpose", [m + "picked_hidden"], [m + "head_input"], perm=[1, 0, 2]))
             node.input[0] = m + "head_input"  # (B + 1, 1, H)
             body.append(node)
             continue
+        if any(node is n for n in position_gathers):  # the rows' positions (B, 1) then the chunk's (1, C)
+            index = node.input[1]
+            body += [
+                helper.make_node("Reshape", [index, m + "row"], [index + "/rows"]),  # (1, B)
+                helper.make_node("Concat", [index + "/rows", renamed[index]], [index + "/mixed"], axis=1),
+            ]
+            node.input[1] = index + "/mixed"
         if node.op_type != GQA:
-            if "input_ids" in node.input and node not in mask_nodes:
+            if "input_ids" in node.input and not any(node is n for n in side_nodes):
                 node.input[list(node.input).index("input_ids")] = m + "ids"
             body.append(node)
             continue
@@ -195,6 +255,13 @@ def transform(model: Any) -> Any:
             helper.make_node("Transpose", [name + "/out_rows"], [name + "/out_rows_flat"], perm=[1, 0, 2]),
             helper.make_node("Concat", [name + "/out_rows_flat", name + "/out_chunk"], [node.output[0]], axis=1),
         ]
+    # Graphs whose attention writes its present through an Identity (gpt2_shared_buffer.py): the chunk's too.
+    chunk_presents = {n.output[k] for n in nodes if n.op_type == GQA for k in (1, 2)}
+    body += [
+        helper.make_node("Identity", [CHUNK + n.input[0]], [CHUNK + n.output[0]], name=n.name + "/chunk")
+        for n in nodes
+        if n.op_type == "Identity" and n.input[0] in chunk_presents and n.output[0].startswith("present.")
+    ]
     constants = [n for n in body if n.op_type == "Constant"]
     del graph.node[:]
     graph.node.extend([*constants, *head, *chunk_mask_nodes, *(n for n in body if n.op_type != "Constant")])

@@ -101,13 +101,22 @@ def test_variants_and_llama_concat_are_refused(llm_checkpoints, tmp_path: Path) 
     assert not (tmp_path / "models").exists()
 
 
-def test_no_mixed_step_graph_for_gpt2_positions(gpt2_repo: Path) -> None:
-    """GPT-2's position embeddings are computed from the mask outside the attention op: the mixed-step transform
-    refuses such a graph (nothing is written), and the server prefills its prompts in calls of their own."""
-    from export import mixed_step
+def test_the_variants_have_mixed_step_graphs(gpt2_repo: Path) -> None:
+    """GPT-2's learned positions are computed from the mask and the ids' shape outside the attention op: the
+    mixed-step graph computes the rows' from their inputs and the chunk's from its own (export/mixed_step.py).
+    The export writes one beside each variant and checks it against the variant's own graph."""
+    from export import build_llm, mixed_step
 
     version = gpt2_repo / "gpt2slots" / "1"
-    assert "mixed_step" not in config_of(gpt2_repo / "gpt2slots")["onnx"]
-    with pytest.raises(mixed_step.UnsupportedGraph, match="attention mask"):
-        mixed_step.transform(onnx.load(str(version / "model.onnx"), load_external_data=False))
-    assert not list(version.glob("*.mixed.onnx"))
+    config = config_of(gpt2_repo / "gpt2slots")
+    files = config["onnx"]["variants"]
+    assert set(files) == {"fp32", "int8", "fp16"}
+    # not int8: its activations are quantized with one scale over a call's tokens (refused by the transform)
+    assert config["onnx"]["mixed_step"] == {v: mixed_step.mixed_name(f) for v, f in files.items() if v != "int8"}
+    assert not (version / "model.int8.mixed.onnx").exists()
+    for variant, name in config["onnx"]["mixed_step"].items():
+        assert (version / name).is_file()
+        assert config["quality"]["parity"][variant]["mixed_step_max_rel_diff"] <= build_llm.MIXED_STEP_BOUND
+    graph = onnx.load(str(version / "model.mixed.onnx"), load_external_data=False).graph
+    positions = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == "transformer.wpe.weight"]
+    assert len(positions) == 1 and positions[0].input[1].endswith("/mixed")  # the rows' then the chunk's

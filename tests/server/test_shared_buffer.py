@@ -280,10 +280,9 @@ def test_chunked_prefill_beside_running_streams(generator: SharedBufferGenerator
     beside_a_running_stream(generator)
 
 
-@pytest.fixture(scope="module")
-def mixed_generator(llm_repo: Path) -> SharedBufferGenerator:
-    """tinyllama with the mixed-step graph its export wrote beside model.onnx (export/mixed_step.py)."""
-    config = ModelConfig.read(llm_repo / "tinyllama" / "1")
+def with_mixed_steps(folder: Path) -> SharedBufferGenerator:
+    """The model in `folder` with the mixed-step graph its export wrote beside model.onnx (export/mixed_step.py)."""
+    config = ModelConfig.read(folder)
     mixed = config.mixed_step_file("fp32")
     assert mixed is not None and mixed.name == "model.mixed.onnx"
     model = make_generator(
@@ -293,10 +292,24 @@ def mixed_generator(llm_repo: Path) -> SharedBufferGenerator:
     return model
 
 
-def test_mixed_steps_write_the_prompt_in_the_decode_call(mixed_generator: SharedBufferGenerator) -> None:
+@pytest.fixture(scope="module")
+def mixed_generator(llm_repo: Path) -> SharedBufferGenerator:
+    """tinyllama with its mixed-step graph."""
+    return with_mixed_steps(llm_repo / "tinyllama" / "1")
+
+
+@pytest.fixture(scope="module", params=["tinyllama", "gpt2slots"])
+def mixed_generators(request: pytest.FixtureRequest) -> SharedBufferGenerator:
+    """tinyllama, and the tiny GPT-2 (learned positions, computed on each side of the mixed graph), with their
+    mixed-step graphs."""
+    repo: Path = request.getfixturevalue("gpt2_repo" if request.param.startswith("gpt2") else "llm_repo")
+    return with_mixed_steps(repo / request.param / "1")
+
+
+def test_mixed_steps_write_the_prompt_in_the_decode_call(mixed_generators: SharedBufferGenerator) -> None:
     """With the mixed-step graph, each chunk of the prompt goes into the running stream's decode call (its
     slot inside the span the call binds): the same tokens as each stream alone, no prefill call of its own."""
-    model = mixed_generator
+    model = mixed_generators
     real, calls = model.decode_with_chunk, []
 
     def spy(tokens, cache, slot, ids, done):

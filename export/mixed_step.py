@@ -20,8 +20,8 @@ model as `<file stem>.mixed.onnx` (`mixed_name`) and checked against the plain g
 the server uses it when it is there (docs/server.md, "Mixed steps").
 
 GPT-2's graph (gpt2_shared_buffer.py) has learned position embeddings: a Gather from a table, its indices
-computed from the mask and the ids' shape. The mixed graph keeps that subgraph for the rows and runs a copy of it
-on the chunk's inputs, and joins the two (the rows' positions, then the chunk's). Its head slices the last
+computed from the mask and the ids' shape. The mixed graph keeps that subgraph for the rows and runs a copy of
+it on the chunk's inputs, and joins the two (the rows' positions, then the chunk's). Its head slices the last
 position before the final norm: there the slice gives way to the pick of the rows' and the chunk's last
 positions. Graphs of another layout, or whose activations are quantized per call (dynamic int8), are refused
 with UnsupportedGraph and served without it.
@@ -37,6 +37,8 @@ import numpy as np
 from server.generation.model import CHUNK_PREFIX as CHUNK  # prefix of the chunk's inputs and outputs
 
 GQA = "GroupQueryAttention"
+# Per-row nodes between GPT-2's last-position slice and its logits (`_last_position_slice`).
+HEAD_PASS = ("Cast", "Unsqueeze", "Reshape", "Gemm", "MatMul", "LayerNormalization")
 
 
 class UnsupportedGraph(ValueError):
@@ -77,7 +79,7 @@ def _last_position_slice(producers: dict[str, Any], graph: Any) -> Any:
 
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name and not t.external_data}
     node = producers.get("logits")
-    while node is not None and node.op_type in ("Cast", "Unsqueeze", "Reshape", "Gemm", "MatMul", "LayerNormalization"):
+    while node is not None and node.op_type in HEAD_PASS:
         node = producers.get(node.input[0])
     if node is None or node.op_type != "Slice" or len(node.input) < 4:
         return None
@@ -101,8 +103,8 @@ def transform(model: Any) -> Any:
     if not attention:
         raise UnsupportedGraph("no GroupQueryAttention node")
     if any(n.op_type == "DynamicQuantizeLinear" for n in nodes):  # int8 with activations quantized per call
-        raise UnsupportedGraph("dynamic quantization takes one scale over all of a call's tokens: the rows' and "
-                               "the chunk's would change each other's numbers")
+        raise UnsupportedGraph("dynamic quantization takes one scale over all of a call's tokens: the rows' "
+                               "and the chunk's would change each other's numbers")
     lengths, total = attention[0].input[5], attention[0].input[6]
     if any(n.input[5] != lengths or n.input[6] != total for n in attention):
         raise UnsupportedGraph("the attention nodes do not share one length input")
@@ -112,8 +114,8 @@ def transform(model: Any) -> Any:
     reads = {i for n in mask_nodes for i in n.input if i in graph_inputs}
     if reads != {"attention_mask"}:
         raise UnsupportedGraph(f"the attention lengths come from {sorted(reads)}, not the attention mask alone")
-    # Learned position embeddings (GPT-2): a Gather from a table whose indices are computed from the mask and the
-    # ids' shape. Each side computes its own: the rows' subgraph as it is, a copy on the chunk's inputs.
+    # Learned position embeddings (GPT-2): a Gather from a table whose indices are computed from the mask and
+    # the ids' shape. Each side computes its own: the rows' subgraph as it is, a copy on the chunk's inputs.
     initializers = {t.name for t in graph.initializer}
     position_gathers = []
     for node in nodes:
@@ -141,7 +143,7 @@ def transform(model: Any) -> Any:
         else:
             used = set(node.input)
         if "attention_mask" in used or used & side_outputs:
-            raise UnsupportedGraph(f"{node.name} reads the attention mask outside the attention lengths")
+            raise UnsupportedGraph(f"{node.name} reads the attention mask outside the lengths and positions")
     for node in nodes:
         if any(node is n for n in side_nodes):
             continue
@@ -211,10 +213,11 @@ def transform(model: Any) -> Any:
             continue
         if node is head_node:
             body.append(helper.make_node("Gather", [hidden, m + "picked"], [m + "picked_hidden"], axis=1))
-            if node is last_slice:  # the slice's output, (B + 1, 1, H), now the picked positions
-                body.append(helper.make_node("Transpose", [m + "picked_hidden"], [node.output[0]], perm=[1, 0, 2]))
+            # (B + 1, 1, H): the slice's own output (GPT-2), or the head's new input
+            picked = node.output[0] if node is last_slice else m + "head_input"
+            body.append(helper.make_node("Transpose", [m + "picked_hidden"], [picked], perm=[1, 0, 2]))
+            if node is last_slice:
                 continue
-            body.append(helper.make_node("Transpose", [m + "picked_hidden"], [m + "head_input"], perm=[1, 0, 2]))
             node.input[0] = m + "head_input"  # (B + 1, 1, H)
             body.append(node)
             continue

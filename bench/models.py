@@ -116,23 +116,23 @@ def sized_repository(
 VARIANT_FLAGS = {"fp16": "--fp16", "int8": "--int8", "opt": "--optimize"}
 
 
+def _in_onnx_section(repository: Path, name: str, key: str, variant: str) -> bool:
+    """Whether a built version of the model lists `variant` under config.json's `onnx.<key>`."""
+    return any(
+        variant in json.loads(config.read_text()).get("onnx", {}).get(key, {})
+        for config in (repository / name).glob("*/config.json")
+    )
+
+
 def has_mixed_step(repository: Path, name: str, variant: str) -> bool:
     """Whether a shared-buffer generator has the variant's mixed-step graph, or cannot have one (int8): a cache
     built before GPT-2's exports wrote them (2026-12-04) is rebuilt rather than measured without mixed steps."""
-    if variant == "int8":
-        return True
-    for config in (repository / name).glob("*/config.json"):
-        if variant in json.loads(config.read_text()).get("onnx", {}).get("mixed_step", {}):
-            return True
-    return False
+    return variant == "int8" or _in_onnx_section(repository, name, "mixed_step", variant)
 
 
 def has_variant(repository: Path, name: str, variant: str) -> bool:
     """Whether the built model has the variant's file (the exporter writes only the variants asked for)."""
-    for config in (repository / name).glob("*/config.json"):
-        if variant in json.loads(config.read_text()).get("onnx", {}).get("variants", {}):
-            return True
-    return False
+    return _in_onnx_section(repository, name, "variants", variant)
 
 
 CLASSIFIER_ARGS = [

@@ -77,16 +77,17 @@ def _last_position_slice(producers: dict[str, Any], graph: Any) -> Any:
     per-row nodes, or None."""
     from onnx import numpy_helper
 
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name and not t.external_data}
     node = producers.get("logits")
     while node is not None and node.op_type in HEAD_PASS:
         node = producers.get(node.input[0])
     if node is None or node.op_type != "Slice" or len(node.input) < 4:
         return None
-    starts, axes = values.get(node.input[1]), values.get(node.input[3])
-    if starts is None or axes is None or starts.tolist() != [-1] or axes.tolist() != [1]:
-        return None
-    return node
+
+    def value(name: str) -> list[int] | None:
+        tensor = next((t for t in graph.initializer if t.name == name and not t.external_data), None)
+        return None if tensor is None else numpy_helper.to_array(tensor).tolist()
+
+    return node if value(node.input[1]) == [-1] and value(node.input[3]) == [1] else None
 
 
 def transform(model: Any) -> Any:
@@ -126,6 +127,7 @@ def transform(model: Any) -> Any:
             position_gathers.append(node)
     positions = [n.input[1] for n in position_gathers]
     side_nodes = [n for n in _upstream([lengths, total, *positions], producers) if n.op_type != "Constant"]
+    side, gathers = {id(n) for n in side_nodes}, {id(n) for n in position_gathers}  # nodes are not hashable
     reads = {i for n in side_nodes for i in n.input if i in graph_inputs}
     if not reads <= {"attention_mask", "input_ids"}:
         raise UnsupportedGraph(f"the attention lengths or positions read {sorted(reads)}")
@@ -134,18 +136,18 @@ def transform(model: Any) -> Any:
     # node order.
     side_outputs = {out for n in side_nodes for out in n.output}
     for node in nodes:
-        if any(node is n for n in side_nodes):
+        if id(node) in side:
             continue
         if node.op_type == GQA:
             used = {name for k, name in enumerate(node.input) if k not in (5, 6)}
-        elif any(node is n for n in position_gathers):
+        elif id(node) in gathers:
             used = {node.input[0]}
         else:
             used = set(node.input)
         if "attention_mask" in used or used & side_outputs:
             raise UnsupportedGraph(f"{node.name} reads the attention mask outside the lengths and positions")
     for node in nodes:
-        if any(node is n for n in side_nodes):
+        if id(node) in side:
             continue
         if "input_ids" in node.input and node.op_type not in ("Gather", "GatherBlockQuantized"):
             raise UnsupportedGraph(f"{node.name} ({node.op_type}) reads input_ids beside the embedding")
@@ -221,7 +223,7 @@ def transform(model: Any) -> Any:
             node.input[0] = m + "head_input"  # (B + 1, 1, H)
             body.append(node)
             continue
-        if any(node is n for n in position_gathers):  # the rows' positions (B, 1) then the chunk's (1, C)
+        if id(node) in gathers:  # the rows' positions (B, 1) then the chunk's (1, C)
             index = node.input[1]
             body += [
                 helper.make_node("Reshape", [index, m + "row"], [index + "/rows"]),  # (1, B)
@@ -229,7 +231,7 @@ def transform(model: Any) -> Any:
             ]
             node.input[1] = index + "/mixed"
         if node.op_type != GQA:
-            if "input_ids" in node.input and not any(node is n for n in side_nodes):
+            if "input_ids" in node.input and id(node) not in side:
                 node.input[list(node.input).index("input_ids")] = m + "ids"
             body.append(node)
             continue
